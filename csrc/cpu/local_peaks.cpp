@@ -1,0 +1,38 @@
+// local_peaks CPU kernel: dist [..., T] (fp16/bf16/fp32, any strides) -> bool [..., T].
+// A point is a peak iff it is the first maximum of its clipped window of
+// `window` (odd) points; NaN counts as -inf. Rows run in parallel.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include "checks.h"
+#include "cpu/peaks.h"
+
+namespace retake {
+
+at::Tensor local_peaks_cpu(const at::Tensor& dist, int64_t window) {
+  constexpr const char* op = "local_peaks";
+  TORCH_CHECK_VALUE(dist.dim() >= 1, op, ": dist must have at least 1 dimension [..., T], got shape ",
+                    shape_str(dist));
+  check_float(op, "dist", dist);
+  check_window(op, window);
+  const at::Tensor x = dist.to(at::kFloat).contiguous();
+  at::Tensor out = at::empty(dist.sizes(), dist.options().dtype(at::kBool));
+  const int64_t T = dist.size(-1);
+  const int64_t rows = T == 0 ? 0 : x.numel() / T;
+  const float* px = x.data_ptr<float>();
+  bool* po = out.data_ptr<bool>();
+  const int64_t half = window / 2;
+  at::parallel_for(0, rows, 1, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const float* row = px + r * T;
+      auto get = [row](int64_t j) { return rank_value(row[j]); };
+      for (int64_t t = 0; t < T; ++t) po[r * T + t] = is_peak(get, T, t, half);
+    }
+  });
+  return out;
+}
+
+TORCH_LIBRARY_IMPL(retake, CPU, m) { m.impl("local_peaks", &local_peaks_cpu); }
+
+}  // namespace retake

@@ -1,0 +1,11 @@
+"""Pure-PyTorch references for every retake op (shipped as ``retake_ops.ref``).
+
+Obvious over fast: these define what the kernels must compute, and they are
+what the ops fall back to when the compiled library is missing. They assume
+arguments that already passed the op's checks.
+"""
+from .dpselect import dpselect, target_frames
+from .frame_distance import frame_distance
+from .local_peaks import local_peaks
+
+__all__ = ["frame_distance", "local_peaks", "dpselect", "target_frames"]
