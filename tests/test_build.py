@@ -1,4 +1,6 @@
 """The compiled library is what runs, and the package still works without it."""
+import os
+import pathlib
 import subprocess
 import sys
 import textwrap
@@ -54,6 +56,23 @@ def test_falls_back_to_the_reference_without_the_compiled_library(tmp_path):
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert out.returncode == 0, out.stderr
     assert "fallback ok" in out.stdout
+
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("flag, code, message", [
+    ("1", 1, "RETAKE_OPS_BUILD_CUDA=1 but a CUDA build is impossible"),
+    ("0", 0, "CUDA kernels skipped: RETAKE_OPS_BUILD_CUDA=0"),
+    ("yes", 1, "RETAKE_OPS_BUILD_CUDA must be 0 or 1, got 'yes'"),
+])
+@pytest.mark.skipif(torch.version.cuda is not None, reason="checks the CPU-only torch build")
+def test_build_cuda_override(flag, code, message):
+    env = {**os.environ, "RETAKE_OPS_BUILD_CUDA": flag}
+    out = subprocess.run([sys.executable, "setup.py", "--name"], cwd=ROOT, env=env, capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == code
+    assert message in out.stdout + out.stderr
 
 
 def test_build_info_lists_every_op():
