@@ -24,8 +24,15 @@ def synthetic_video(frames: int, shots: int, seed: int):
     """uint8 [T, SIZE, SIZE, 3]: `shots` scenes with hard cuts, slow drift and pixel noise.
 
     Returns the video and the frame indices where a new shot starts (the cuts)."""
+    if not 1 <= shots <= frames:
+        raise ValueError(f"synthetic_video: shots must be in [1, frames={frames}], got {shots}")
     g = torch.Generator().manual_seed(seed)
-    cuts = sorted(torch.randperm(frames - 2, generator=g)[: shots - 1].add(1).tolist())
+    # Shots last at least half their fair share, so cuts are further apart than a peak window.
+    min_len = max(1, frames // (2 * shots))
+    extra = torch.rand(shots, generator=g)
+    lengths = (extra / extra.sum() * (frames - shots * min_len)).long() + min_len
+    lengths[-1] += frames - lengths.sum()
+    cuts = lengths.cumsum(0)[:-1].tolist()
     starts = [0] + cuts
     video = torch.empty(frames, SIZE, SIZE, 3)
     for s, start in enumerate(starts):
