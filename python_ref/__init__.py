@@ -7,5 +7,6 @@ arguments that already passed the op's checks.
 from .dpselect import dpselect, target_frames
 from .frame_distance import frame_distance
 from .local_peaks import local_peaks
+from .nms_select import nms_select
 
-__all__ = ["frame_distance", "local_peaks", "dpselect", "target_frames"]
+__all__ = ["frame_distance", "local_peaks", "dpselect", "target_frames", "nms_select"]
