@@ -14,8 +14,11 @@ from .ops._registry import OPS, PY_CUDA_KERNELS, has_compiled_kernel
 from .ops.dpselect import dpselect, target_frames
 from .ops.frame_distance import frame_distance
 from .ops.local_peaks import local_peaks
+from .ops.nms_select import nms_select
+from .frame_select import FrameSelection, SimilarityScorer, UniformScorer, select_frames, uniform_indices
 
 OPS.extend(["frame_distance", "local_peaks", "dpselect"])
+OPS.append("nms_select")
 
 try:
     from . import _C  # noqa: F401  (registers kernels on import)
@@ -54,3 +57,4 @@ def build_info() -> dict:
 
 
 __all__ = ["frame_distance", "local_peaks", "dpselect", "target_frames", "build_info", "ref"]
+__all__ += ["nms_select", "select_frames", "FrameSelection", "UniformScorer", "SimilarityScorer", "uniform_indices"]
