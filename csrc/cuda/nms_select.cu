@@ -1,4 +1,4 @@
-// nms_select CUDA kernel: scores fp32 [B,N] contiguous -> int64 [B,k] ascending.
+// nms_select CUDA kernel: scores [B,N] contiguous (fp32/fp16/bf16, read as fp32) -> int64 [B,k] ascending.
 // One block per row runs the greedy loop on the device. Each pick is a block-wide
 // min over 64-bit keys (score descending in the high word, index in the low word,
 // so the min is the best score with ties to the lower index): one min over free
@@ -9,10 +9,11 @@
 // sets *nan_flag and writes nothing; the host reads the flag once after the launch.
 #include <cstdint>
 
+#include "cuda/common.cuh"
 #include "cuda/nms_select.h"
 
 namespace retake {
-
+namespace cuda {
 namespace {
 
 constexpr int kThreads = 256;
@@ -56,20 +57,20 @@ __device__ __forceinline__ void block_min2(unsigned long long& a, unsigned long 
   __syncthreads();  // smem is reused by the next call
 }
 
-__global__ void __launch_bounds__(kThreads) nms_select_kernel(const float* __restrict__ scores,
-                                                              int64_t* __restrict__ out, uint8_t* __restrict__ state,
-                                                              int* __restrict__ nan_flag, int N, int k,
-                                                              long long radius) {
+template <typename T>
+__global__ void __launch_bounds__(kThreads) nms_select_kernel(const T* __restrict__ scores, int N, int k,
+                                                              long long radius, int64_t* __restrict__ out,
+                                                              uint8_t* __restrict__ state, int* __restrict__ nan_flag) {
   __shared__ unsigned long long smem[2][kWarps];
   __shared__ int warp_count[kWarps];
   const long long b = blockIdx.x;
-  const float* row = scores + b * N;
+  const T* row = scores + b * N;
   uint8_t* st = state + b * N;
   int64_t* picks = out + b * k;
 
   int nan_seen = 0;
   for (int j = threadIdx.x; j < N; j += kThreads) {
-    nan_seen |= row[j] != row[j];
+    nan_seen |= isnan(to_float(row[j]));
     st[j] = kFree;
   }
   if (__syncthreads_or(nan_seen)) {
@@ -82,7 +83,7 @@ __global__ void __launch_bounds__(kThreads) nms_select_kernel(const float* __res
     for (int j = threadIdx.x; j < N; j += kThreads) {
       const uint8_t s = st[j];
       if (s == kTaken) continue;
-      const float v = row[j];
+      const float v = to_float(row[j]);
       const unsigned long long key = rank_key(v, j);
       rest = key < rest ? key : rest;
       if (s == kFree && v != -INFINITY) nms = key < nms ? key : nms;
@@ -124,12 +125,17 @@ __global__ void __launch_bounds__(kThreads) nms_select_kernel(const float* __res
 
 }  // namespace
 
-cudaError_t nms_select_cuda(const float* scores, int64_t* out, uint8_t* state, int* nan_flag, int64_t B,
-                            int64_t N, int64_t k, int64_t radius, cudaStream_t stream) {
+cudaError_t nms_select_launch(const void* scores, DType dtype, int64_t B, int64_t N, int64_t k, int64_t radius,
+                              int64_t* out, uint8_t* state, int* nan_flag, cudaStream_t stream) {
   if (B == 0 || N == 0) return cudaSuccess;
-  nms_select_kernel<<<static_cast<unsigned>(B), kThreads, 0, stream>>>(
-      scores, out, state, nan_flag, static_cast<int>(N), static_cast<int>(k), static_cast<long long>(radius));
+  dispatch_dtype(dtype, [&](auto typed) {
+    using T = std::remove_const_t<std::remove_pointer_t<decltype(typed)>>;
+    nms_select_kernel<T><<<static_cast<unsigned>(B), kThreads, 0, stream>>>(
+        static_cast<const T*>(scores), static_cast<int>(N), static_cast<int>(k), static_cast<long long>(radius),
+        out, state, nan_flag);
+  });
   return cudaGetLastError();
 }
 
+}  // namespace cuda
 }  // namespace retake
