@@ -1,14 +1,18 @@
 """retake::nms_select: the CPU op (C++ kernel) against the reference and the spec."""
+import subprocess
+import sys
+import textwrap
+
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import retake_ops
+from common import DTYPES
 from retake_ops import ref
 
 op = torch.ops.retake.nms_select
-DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 INF = float("inf")
 # 16-bit patterns of 1.0: consecutive patterns above it are distinct, increasing, finite values.
 ONE_BITS = {torch.float16: 0x3C00, torch.bfloat16: 0x3F80}
@@ -221,3 +225,27 @@ def test_cpu_runs_the_cpp_kernel(monkeypatch):
     monkeypatch.setattr(ref, "nms_select", fail)
     assert torch.equal(op(scores, 5, 2), expected)
     assert torch.equal(retake_ops.nms_select(scores, 5, 2), expected)
+
+
+def test_fallback_without_the_compiled_library():
+    """Without retake_ops._C the op runs its Python body: the same checks, then the reference."""
+    script = textwrap.dedent("""
+        import sys, warnings, torch
+        sys.modules["retake_ops._C"] = None
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            import retake_ops
+        assert retake_ops.build_info()["ops"]["nms_select"]["cpu"] == "reference"
+        x = torch.randn(3, 50)
+        assert torch.equal(retake_ops.nms_select(x, 6, 2), retake_ops.ref.nms_select(x, 6, 2))
+        for bad, k, message in [(torch.zeros(2, 5), 6, "k must be in [0, N=5], got 6"),
+                                (torch.full((1, 3), float("nan")), 1, "scores contains NaN")]:
+            try:
+                retake_ops.nms_select(bad, k)
+                raise SystemExit("no error")
+            except ValueError as e:
+                assert message in str(e), e
+        print("ok")
+    """)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd="/")
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
