@@ -2,11 +2,12 @@
 // Greedy NMS (highest unsuppressed score first, ties to the lower index, suppress
 // |i - j| <= radius) equals one walk over the row in (score desc, index asc) order:
 // suppression only grows, so the next unsuppressed frame in that order is always the
-// best unsuppressed one. The walk stops at -inf (those never take part in NMS); the
-// continuation takes frames not yet taken in the same order, i.e. the walk's skipped
-// (suppressed) frames merged with the frames it never reached. A binary heap yields
-// the order lazily: O(N) to build plus O(log N) per visited frame, O(N log N) at worst,
-// and the walk usually ends long before the row does. Rows run in parallel.
+// best unsuppressed one. The walk ends when no free frame above -inf is left (-inf
+// frames never take part in NMS); the continuation takes frames not yet taken in the
+// same order, i.e. the walk's skipped (suppressed) frames merged with the frames it
+// never reached. A binary heap yields the order lazily: O(N) to build plus O(log N)
+// per visited frame, O(N log N) at worst, and the walk usually ends long before the
+// row does. Rows run in parallel.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -65,9 +66,10 @@ at::Tensor nms_select_cpu(const at::Tensor& scores, int64_t k, int64_t radius) {
     const std::greater<uint64_t> min_first;
     for (int64_t b = b0; b < b1; ++b) {
       const float* row = px + b * N;
-      int64_t nan_count = 0;
+      int64_t nan_count = 0, eligible = 0;  // eligible: free frames above -inf
       for (int64_t j = 0; j < N; ++j) {
         nan_count += std::isnan(row[j]);
+        eligible += row[j] != -INFINITY;
         heap[j] = rank_key(row[j], j);
       }
       if (nan_count) {
@@ -85,21 +87,27 @@ at::Tensor nms_select_cpu(const at::Tensor& scores, int64_t k, int64_t radius) {
       skipped.clear();
       int64_t* picks = po + b * k;
       int64_t n = 0;
-      while (n < k && left > 0) {
-        const int64_t j = int64_t(heap[0] & 0xffffffffu);
-        if (row[j] == -INFINITY) break;  // the best frame left is -inf, so all of them are
+      auto suppress = [&](int64_t i) {
+        state[i] = kSuppressed;
+        eligible -= row[i] != -INFINITY;
+      };
+      // Every free frame is still in the heap, and free frames above -inf come before any
+      // -inf key, so while one is eligible the walk never pops a -inf frame.
+      while (n < k && eligible > 0) {
         const uint64_t key = pop();
+        const int64_t j = int64_t(key & 0xffffffffu);
         if (state[j] != kFree) {
           skipped.push_back(key);  // popped in order, so skipped stays sorted
           continue;
         }
         state[j] = kTaken;
+        --eligible;
         picks[n++] = j;
         // Stop at the first frame already suppressed: it lies in the interval of an
         // earlier pick on the same side, which covers the rest of this side's interval.
         // So each frame is marked once and a row's marking costs O(N) whatever the radius.
-        for (int64_t i = j + 1; i < N && i - j <= r && state[i] == kFree; ++i) state[i] = kSuppressed;
-        for (int64_t i = j - 1; i >= 0 && j - i <= r && state[i] == kFree; --i) state[i] = kSuppressed;
+        for (int64_t i = j + 1; i < N && i - j <= r && state[i] == kFree; ++i) suppress(i);
+        for (int64_t i = j - 1; i >= 0 && j - i <= r && state[i] == kFree; --i) suppress(i);
       }
       for (size_t s = 0; n < k; ++n) {
         const bool from_skipped = s < skipped.size() && (left == 0 || skipped[s] < heap[0]);
