@@ -1,13 +1,12 @@
 // nms_select CPU kernel: scores [B,N] (fp16/bf16/fp32, any strides) -> int64 [B,k] ascending.
-// Greedy NMS (highest unsuppressed score first, ties to the lower index, suppress
-// |i - j| <= radius) equals one walk over the row in (score desc, index asc) order:
-// suppression only grows, so the next unsuppressed frame in that order is always the
-// best unsuppressed one. The walk ends when no free frame above -inf is left (-inf
-// frames never take part in NMS); the continuation takes frames not yet taken in the
-// same order, i.e. the walk's skipped (suppressed) frames merged with the frames it
-// never reached. A binary heap yields the order lazily: O(N) to build plus O(log N)
-// per visited frame, O(N log N) at worst, and the walk usually ends long before the
-// row does. Rows run in parallel.
+// Greedy NMS: take the best free frame above -inf (score desc, ties to the lower index),
+// suppress |i - j| <= radius, repeat; then the best frames not yet taken. "Best" is the
+// min of a 64-bit key (score descending, index ascending) held in a tournament tree
+// over the row: leaves are the frames still in play (kNone otherwise), every inner node
+// the min of its children, so the root is the next pick. Suppression removes a range of
+// leaves and recomputes only their ancestors; each frame is suppressed once, so the NMS
+// phase costs O(N + k log N) per row whatever the radius, and the continuation (a tree
+// rebuilt over the frames not yet taken) as much. Rows run in parallel.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -17,7 +16,6 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
-#include <functional>
 #include <vector>
 
 #include "checks.h"
@@ -29,9 +27,9 @@ namespace {
 constexpr const char* kOp = "nms_select";
 constexpr int64_t kMaxFrames = (int64_t(1) << 31) - 1;
 
-// Sort key: ascending order of keys = score descending, then index ascending.
-// -0.0 and +0.0 compare equal as floats, so they share one key; -inf maps to the top
-// score key below NaN, i.e. after every finite and +inf score.
+// Rank key: a smaller key is a better frame (score descending, then index ascending).
+// -0.0 and +0.0 compare equal as floats, so they share one key; -inf maps above every
+// finite and +inf score.
 inline uint64_t rank_key(float v, int64_t j) {
   v += 0.0f;  // -0.0 -> +0.0
   uint32_t u;
@@ -39,6 +37,31 @@ inline uint64_t rank_key(float v, int64_t j) {
   const uint32_t ascending = (u & 0x80000000u) ? ~u : (u | 0x80000000u);
   return (uint64_t(~ascending) << 32) | uint64_t(j);
 }
+
+constexpr uint64_t kNone = ~uint64_t(0);  // no frame: above every rank key (indices < 2^32 - 1)
+
+// Min tournament tree over P (a power of two >= N) leaves: node i has children 2i, 2i+1,
+// leaf j sits at P + j, the root at 1 holds the min of all leaves.
+struct MinTree {
+  int64_t P = 1;
+  std::vector<uint64_t> t;
+
+  void reset(int64_t N) {
+    P = 1;
+    while (P < N) P <<= 1;
+    t.assign(2 * P, kNone);
+  }
+  uint64_t& leaf(int64_t j) { return t[P + j]; }
+  uint64_t best() const { return t[1]; }
+  void build() {
+    for (int64_t i = P - 1; i >= 1; --i) t[i] = std::min(t[2 * i], t[2 * i + 1]);
+  }
+  // Leaves [a, b] changed: recompute their ancestors level by level.
+  void update(int64_t a, int64_t b) {
+    for (a = (P + a) >> 1, b = (P + b) >> 1; a >= 1; a >>= 1, b >>= 1)
+      for (int64_t i = a; i <= b; ++i) t[i] = std::min(t[2 * i], t[2 * i + 1]);
+  }
+};
 
 enum : uint8_t { kFree = 0, kSuppressed = 1, kTaken = 2 };
 
@@ -61,57 +84,47 @@ at::Tensor nms_select_cpu(const at::Tensor& scores, int64_t k, int64_t radius) {
   std::atomic<bool> has_nan{false};
 
   at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
-    std::vector<uint64_t> heap(N), skipped;
+    MinTree tree;
     std::vector<uint8_t> state(N);
-    const std::greater<uint64_t> min_first;
     for (int64_t b = b0; b < b1; ++b) {
       const float* row = px + b * N;
-      int64_t nan_count = 0, eligible = 0;  // eligible: free frames above -inf
+      tree.reset(N);
+      int64_t nan_count = 0;
       for (int64_t j = 0; j < N; ++j) {
         nan_count += std::isnan(row[j]);
-        eligible += row[j] != -INFINITY;
-        heap[j] = rank_key(row[j], j);
+        tree.leaf(j) = row[j] == -INFINITY ? kNone : rank_key(row[j], j);  // -inf never takes part in NMS
       }
       if (nan_count) {
         has_nan = true;
         continue;
       }
       if (k == 0) continue;
-      std::make_heap(heap.begin(), heap.end(), min_first);
-      size_t left = size_t(N);  // heap[0, left) holds the frames the walk has not reached
-      auto pop = [&] {
-        std::pop_heap(heap.begin(), heap.begin() + left, min_first);
-        return heap[--left];
-      };
+      tree.build();
       std::fill(state.begin(), state.end(), kFree);
-      skipped.clear();
       int64_t* picks = po + b * k;
       int64_t n = 0;
-      auto suppress = [&](int64_t i) {
-        state[i] = kSuppressed;
-        eligible -= row[i] != -INFINITY;
-      };
-      // Every free frame is still in the heap, and free frames above -inf come before any
-      // -inf key, so while one is eligible the walk never pops a -inf frame.
-      while (n < k && eligible > 0) {
-        const uint64_t key = pop();
-        const int64_t j = int64_t(key & 0xffffffffu);
-        if (state[j] != kFree) {
-          skipped.push_back(key);  // popped in order, so skipped stays sorted
-          continue;
-        }
+      while (n < k && tree.best() != kNone) {
+        const int64_t j = int64_t(tree.best() & 0xffffffffu);
         state[j] = kTaken;
-        --eligible;
         picks[n++] = j;
-        // Stop at the first frame already suppressed: it lies in the interval of an
-        // earlier pick on the same side, which covers the rest of this side's interval.
-        // So each frame is marked once and a row's marking costs O(N) whatever the radius.
-        for (int64_t i = j + 1; i < N && i - j <= r && state[i] == kFree; ++i) suppress(i);
-        for (int64_t i = j - 1; i >= 0 && j - i <= r && state[i] == kFree; --i) suppress(i);
+        // Suppress outwards from j, stopping at the first frame already suppressed: it lies
+        // in the interval of an earlier pick on the same side, which covers the rest of this
+        // side. So [lo, hi] holds exactly the frames that leave play now.
+        int64_t lo = j, hi = j;
+        while (lo > 0 && j - (lo - 1) <= r && state[lo - 1] == kFree) state[--lo] = kSuppressed;
+        while (hi < N - 1 && (hi + 1) - j <= r && state[hi + 1] == kFree) state[++hi] = kSuppressed;
+        for (int64_t i = lo; i <= hi; ++i) tree.leaf(i) = kNone;
+        tree.update(lo, hi);
       }
-      for (size_t s = 0; n < k; ++n) {
-        const bool from_skipped = s < skipped.size() && (left == 0 || skipped[s] < heap[0]);
-        picks[n] = int64_t((from_skipped ? skipped[s++] : pop()) & 0xffffffffu);
+      if (n < k) {  // continuation: the best frames not yet taken, -inf ones last
+        for (int64_t j = 0; j < N; ++j) tree.leaf(j) = state[j] == kTaken ? kNone : rank_key(row[j], j);
+        tree.build();
+        for (; n < k; ++n) {
+          const int64_t j = int64_t(tree.best() & 0xffffffffu);
+          picks[n] = j;
+          tree.leaf(j) = kNone;
+          tree.update(j, j);
+        }
       }
       std::sort(picks, picks + k);
     }
