@@ -1,11 +1,19 @@
-"""The main job: DPSelect keyframes on a video, printed and plotted.
+"""The main job: DPSelect keyframes and question-aware frame selection on a video.
 
     python -m retake_ops.demo                   # synthetic video with hard cuts
     python -m retake_ops.demo --video clip.mp4  # a real video, decoded with PyAV
+    python -m retake_ops.demo --question "Where is the red scene?" --select 8
 
-Frames become features by a fixed random projection of pixel patches (a stand-in for
-a vision encoder), then retake_ops.dpselect keeps `--keep` of the frames, keyframes
-(distance peaks) first. Writes a PNG of the distance curve with peaks and kept frames.
+DPSelect: frames become features by a fixed random projection of pixel patches (a
+stand-in for a vision encoder), then retake_ops.dpselect keeps `--keep` of the frames,
+keyframes (distance peaks) first.
+Frame selection: retake_ops.select_frames scores candidate frames for `--question`
+and greedy NMS picks `--select` relevant, spread-out frames. The scorer is a CLIP or
+SigLIP checkpoint from a local folder (`--clip DIR`), or without one a transparent
+colour scorer that understands questions naming red, green or blue (the synthetic
+video's shots are tinted), so the demo runs offline.
+Writes a PNG of the distance curve (peaks, kept frames) and of the relevance scores
+(selected frames).
 """
 import argparse
 import pathlib
@@ -34,12 +42,15 @@ def synthetic_video(frames: int, shots: int, seed: int):
     lengths[-1] += frames - lengths.sum()
     cuts = lengths.cumsum(0)[:-1].tolist()
     starts = [0] + cuts
+    tints = torch.randperm(3, generator=g)  # every colour gets shots once there are 3 or more
     video = torch.empty(frames, SIZE, SIZE, 3)
     for s, start in enumerate(starts):
         end = starts[s + 1] if s + 1 < len(starts) else frames
-        # A scene wide enough for the camera to pan one pixel per frame to the shot's end.
+        # A scene wide enough for the camera to pan one pixel per frame to the shot's end,
+        # tinted towards red, green or blue in turn.
         scene = F.interpolate(torch.rand(1, 3, 8, 8 + 8 * (end - start) // SIZE, generator=g),
-                              size=(SIZE, SIZE + end - start), mode="bicubic")[0]
+                              size=(SIZE, SIZE + end - start), mode="bicubic")[0] * 0.6
+        scene[int(tints[s % 3])] += 0.4
         for t in range(start, end):
             video[t] = scene[:, :, t - start: t - start + SIZE].permute(1, 2, 0)
     video += 0.03 * torch.randn(video.shape, generator=g)
@@ -71,24 +82,66 @@ def patch_features(video: torch.Tensor, seed: int = 0) -> torch.Tensor:
     return (x @ proj).unsqueeze(0)
 
 
-def plot(path, dist, peaks, kept, cuts):
+COLOURS = {"red": 0, "green": 1, "blue": 2}
+
+
+class ColourScorer:
+    """Relevance of RGB frames to a question that names a colour: how much that channel
+    outweighs the other two (mean over pixels). Follows the retake_ops.select_frames scorer
+    interface; it exists so the demo runs offline, a CLIP/SigLIP scorer is the real thing."""
+
+    def __call__(self, frames, question):
+        words = question.lower().replace("?", " ").replace(",", " ").split()
+        named = [COLOURS[w] for w in words if w in COLOURS]
+        if len(named) != 1:
+            raise ValueError(f"--question {question!r}: without --clip the demo scores questions that name "
+                             f"exactly one of {sorted(COLOURS)}")
+        x = frames.float().div(255).mean(dim=(2, 3))  # [B, N, 3]
+        c = named[0]
+        return x[..., c] - (x.sum(-1) - x[..., c]) / 2
+
+
+def clip_scorer(folder: str):
+    """A SimilarityScorer from a local CLIP or SigLIP checkpoint (no downloads)."""
+    from transformers import AutoModel, AutoProcessor
+
+    model = AutoModel.from_pretrained(folder, local_files_only=True).eval()
+    processor = AutoProcessor.from_pretrained(folder, local_files_only=True)
+    return retake_ops.SimilarityScorer(model, processor)
+
+
+def plot(path, dist, peaks, kept, cuts, selection=None, question=None):
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     t = torch.arange(len(dist))
-    fig, ax = plt.subplots(figsize=(12, 4))
+    rows = 1 if selection is None else 2
+    fig, axes = plt.subplots(rows, 1, figsize=(12, 4 * rows), sharex=True, squeeze=False)
+    ax = axes[0, 0]
     for i, c in enumerate(cuts):
         ax.axvline(c, color="0.8", lw=4, zorder=0, label="true cut" if i == 0 else None)
     ax.plot(t, dist, color="tab:blue", lw=1, label="frame distance")
     ax.scatter(t[kept], dist[kept], s=18, color="tab:green", label=f"kept ({len(kept)})", zorder=3)
     ax.scatter(t[peaks], dist[peaks], s=60, facecolors="none", edgecolors="tab:red",
                label=f"keyframes / peaks ({int(peaks.sum())})", zorder=4)
-    ax.set_xlabel("frame")
     ax.set_ylabel("1 - cos(prev, cur), patch mean")
     ax.set_title("DPSelect")
     ax.legend(loc="upper right", fontsize=8)
+    if selection is not None:
+        ax = axes[1, 0]
+        for i, c in enumerate(cuts):
+            ax.axvline(c, color="0.8", lw=4, zorder=0, label="true cut" if i == 0 else None)
+        ax.plot(selection.candidates, selection.scores, ".-", color="tab:purple", lw=1, ms=3,
+                label="relevance of candidate frames")
+        picked = torch.isin(selection.candidates, selection.indices)
+        ax.scatter(selection.candidates[picked], selection.scores[picked], s=70, marker="*", color="tab:orange",
+                   label=f"selected by NMS ({len(selection.indices)})", zorder=4)
+        ax.set_ylabel("relevance")
+        ax.set_title(f"Frame selection for: {question}")
+        ax.legend(loc="best", fontsize=8)
+    axes[-1, 0].set_xlabel("frame")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -101,6 +154,10 @@ def main(argv=None):
     ap.add_argument("--shots", type=int, default=6, help="shots in the synthetic video")
     ap.add_argument("--keep", type=float, default=0.25, help="fraction of frames kept, in (0, 1]")
     ap.add_argument("--window", type=int, default=9, help="peak window (odd)")
+    ap.add_argument("--question", default="Which scenes are red?", help="question for frame selection")
+    ap.add_argument("--select", type=int, default=8, help="frames to select for the question (0: skip)")
+    ap.add_argument("--candidates", type=int, default=128, help="frames scored for the question")
+    ap.add_argument("--clip", help="local folder of a CLIP or SigLIP checkpoint used to score frames")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="out", help="folder for dpselect.png")
     args = ap.parse_args(argv)
@@ -128,12 +185,22 @@ def main(argv=None):
         found = [c for c in cuts if c in keyframes]
         print(f"cuts that became keyframes: {len(found)}/{len(cuts)} {found}")
 
+    selection = None
+    if args.select:
+        scorer = clip_scorer(args.clip) if args.clip else ColourScorer()
+        selection = retake_ops.select_frames(video, args.question, args.select, scorer=scorer,
+                                             candidates=args.candidates)
+        print(f"question: {args.question!r} ({type(scorer).__name__}, "
+              f"{len(selection.candidates)} candidates, nms_select)")
+        print(f"selected frames: {selection.indices.tolist()}")
+
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     png = out / "dpselect.png"
-    plot(png, dist, peaks, idx[0], cuts)
+    plot(png, dist, peaks, idx[0], cuts, selection, args.question)
     print(f"wrote {png}")
-    return {"keyframes": keyframes, "kept": idx[0].tolist(), "cuts": cuts, "png": str(png)}
+    return {"keyframes": keyframes, "kept": idx[0].tolist(), "cuts": cuts, "png": str(png),
+            "selected": [] if selection is None else selection.indices.tolist()}
 
 
 if __name__ == "__main__":

@@ -15,6 +15,23 @@ def test_synthetic_video_cuts_become_keyframes(tmp_path, capsys):
     assert "cuts that became keyframes: 3/3" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("colour, channel", [("red", 0), ("green", 1), ("blue", 2)])
+def test_question_selects_spread_out_frames_of_that_colour(tmp_path, colour, channel):
+    result = demo.main(["--frames", "150", "--shots", "6", "--select", "5", "--question",
+                        f"Where is the {colour} scene?", "--out", str(tmp_path)])
+    video, _ = demo.synthetic_video(150, 6, seed=0)
+    picked = video[result["selected"]].float().mean(dim=(1, 2))
+    assert len(result["selected"]) == 5 and result["selected"] == sorted(result["selected"])
+    assert (picked.argmax(dim=-1) == channel).all()  # every pick is from a shot of that colour
+    # radius = 128 candidates // (4 * 5) = 6 candidate positions: picks lie more than 6 frames apart
+    assert min(b - a for a, b in zip(result["selected"], result["selected"][1:])) > 6
+
+
+def test_question_without_a_colour_needs_a_clip_model(tmp_path):
+    with pytest.raises(ValueError, match="without --clip the demo scores questions that name exactly one of"):
+        demo.main(["--frames", "40", "--question", "What happens?", "--out", str(tmp_path)])
+
+
 def test_video_file_is_decoded_with_pyav(tmp_path):
     av = pytest.importorskip("av")
     video, cuts = demo.synthetic_video(48, 3, seed=1)
