@@ -15,13 +15,13 @@ Pass two, _attn_colsum_kernel: one program per (key block, b * Hkv + kv head, sp
 keeps its key block resident and walks every query row of the group's heads (a split
 takes a contiguous share of those heads) summing exp2(s - lse) per key column. No float
 atomics: every output element is written by one program, and the per-split partials
-are added in a fixed order, so results are deterministic. Extra memory: the lse scratch
-plus splits * B * Hkv * Lk partials, O(B * Hq * L).
+are added in a fixed order, so results are deterministic. Extra memory: the fp32 lse
+scratch, B * Hq * Lq floats, plus (splits - 1) partial outputs; splits > 1 only when the
+key blocks alone cannot fill the GPU, so those stay under ~2 * SMs * BLOCK_N * G floats.
 
 Both passes split their loop into tiles that need no masking and the band along the
 causal diagonal / sequence end that does.
 """
-import math
 from dataclasses import dataclass
 
 import torch
@@ -36,7 +36,7 @@ def _lse_tiles(q, m_i, l_i, k_base, stride_kn, offs_m, offs_n, offs_d, D, Lk, sh
                lo, hi, BLOCK_N: tl.constexpr, MASKED: tl.constexpr):
     for n0 in range(lo, hi, BLOCK_N):
         cols = n0 + offs_n
-        k_ptrs = k_base + cols[:, None] * stride_kn + offs_d[None, :]
+        k_ptrs = k_base + cols[:, None].to(tl.int64) * stride_kn + offs_d[None, :]
         if MASKED:
             k = tl.load(k_ptrs, mask=(cols[:, None] < Lk) & (offs_d[None, :] < D), other=0.0)
         else:
@@ -111,7 +111,7 @@ def _colsum_tiles(acc, k, q_base, lse_base, stride_qm, offs_n, offs_m, offs_d, D
         p = tl.math.exp2(s * qk_scale - lse[:, None])
         if MASKED:
             p = tl.where(offs_n[None, :] <= rows[:, None] + shift, p, 0.0)
-        acc += tl.sum(p, 0)
+        acc += p
     return acc
 
 
@@ -137,7 +137,9 @@ def _attn_colsum_kernel(Q, K, LSE, OUT, stride_qb, stride_qh, stride_qm, stride_
     m_lo = tl.maximum(n0 - shift, 0)
     m_full = tl.maximum(tl.minimum(n0 + BLOCK_N, Lk) - 1 - shift, m_lo)
     m_band_end = m_lo + tl.cdiv(m_full - m_lo, BLOCK_M) * BLOCK_M
-    acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+    # Accumulate whole tiles and reduce over rows once at the end: a per-tile column sum
+    # would cross warps (they split the rows) through shared memory on every step.
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     g_lo = pid_s * heads_per_split
     g_hi = tl.minimum(g_lo + heads_per_split, G)
     for g in range(g_lo, g_hi):
@@ -149,7 +151,7 @@ def _attn_colsum_kernel(Q, K, LSE, OUT, stride_qb, stride_qh, stride_qm, stride_
         acc = _colsum_tiles(acc, k, q_base, lse_base, stride_qm, offs_n, offs_m, offs_d, D, Lq,
                             shift, qk_scale, m_band_end, Lq, BLOCK_M, False)
     out_base = OUT + (pid_s * tl.num_programs(1) + pid_bh).to(tl.int64) * Lk
-    tl.store(out_base + offs_n, acc, mask=offs_n < Lk)
+    tl.store(out_base + offs_n, tl.sum(acc, 0), mask=offs_n < Lk)
 
 
 @dataclass(frozen=True)
@@ -192,11 +194,12 @@ def block_config(D: int, dtype: torch.dtype) -> BlockConfig:
 
 
 def _head_splits(G: int, programs: int, device: torch.device) -> int:
-    """Split the group's heads over enough programs to fill the GPU twice over."""
+    """How many programs share each key block's group of G query heads: the smallest divisor
+    of G (so every split walks as many heads) that fills the GPU twice over, else G."""
     if device.type != "cuda" or G == 1:
         return 1
     sms = torch.cuda.get_device_properties(device).multi_processor_count
-    return max(1, min(G, math.ceil(2 * sms / max(programs, 1))))
+    return next((d for d in range(1, G + 1) if G % d == 0 and programs * d >= 2 * sms), G)
 
 
 def attn_scores_triton(q: torch.Tensor, k: torch.Tensor, scale: float | None = None,
