@@ -42,7 +42,7 @@ def extension():
     build_cuda, reason = cuda_decision()
     rel = lambda pattern: sorted(os.path.relpath(p, HERE) for p in glob.glob(os.path.join(HERE, pattern)))
     sources = ["csrc/module.cpp"] + rel("csrc/cpu/*.cpp")
-    cxx = ["-O3", "-fopenmp", "-std=c++17"]
+    cxx = ["-O3", "-fopenmp"]
     if not build_cuda:
         print(f"retake-ops: building the C++ CPU kernels only, CUDA kernels skipped: {reason}", flush=True)
         return CppExtension("retake_ops._C", sources, include_dirs=[os.path.join(HERE, "csrc")],
@@ -50,7 +50,7 @@ def extension():
     print(f"retake-ops: building C++ CPU and CUDA kernels ({reason})", flush=True)
     sources += rel("csrc/cuda/*.cu") + rel("csrc/cuda/*_bind.cpp")
     return CUDAExtension("retake_ops._C", sources, include_dirs=[os.path.join(HERE, "csrc")],
-                         extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-std=c++17", "-lineinfo"]},
+                         extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-lineinfo"]},
                          extra_link_args=["-fopenmp"])
 
 

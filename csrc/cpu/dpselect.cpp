@@ -41,7 +41,7 @@ std::tuple<at::Tensor, at::Tensor> dpselect_cpu(const at::Tensor& feats, int64_t
   bool* pp = piv.data_ptr<bool>();
   const int64_t half = window / 2;
 
-  at::parallel_for(0, B * inner, 1, [&](int64_t c0, int64_t c1) {
+  at::parallel_for(0, B * inner, rows_grain(T), [&](int64_t c0, int64_t c1) {
     std::vector<float> d(T);
     std::vector<char> peak(T);
     std::vector<int64_t> order(T);

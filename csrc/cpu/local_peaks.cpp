@@ -5,6 +5,8 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <vector>
+
 #include "checks.h"
 #include "cpu/peaks.h"
 
@@ -23,10 +25,11 @@ at::Tensor local_peaks_cpu(const at::Tensor& dist, int64_t window) {
   const float* px = x.data_ptr<float>();
   bool* po = out.data_ptr<bool>();
   const int64_t half = window / 2;
-  at::parallel_for(0, rows, 1, [&](int64_t r0, int64_t r1) {
+  at::parallel_for(0, rows, rows_grain(T), [&](int64_t r0, int64_t r1) {
+    std::vector<float> row(T);
     for (int64_t r = r0; r < r1; ++r) {
-      const float* row = px + r * T;
-      auto get = [row](int64_t j) { return rank_value(row[j]); };
+      for (int64_t t = 0; t < T; ++t) row[t] = rank_value(px[r * T + t]);
+      auto get = [&row](int64_t j) { return row[j]; };
       for (int64_t t = 0; t < T; ++t) po[r * T + t] = is_peak(get, T, t, half);
     }
   });

@@ -1,0 +1,140 @@
+"""The main job: DPSelect keyframes on a video, printed and plotted.
+
+    python -m retake_ops.demo                   # synthetic video with hard cuts
+    python -m retake_ops.demo --video clip.mp4  # a real video, decoded with PyAV
+
+Frames become features by a fixed random projection of pixel patches (a stand-in for
+a vision encoder), then retake_ops.dpselect keeps `--keep` of the frames, keyframes
+(distance peaks) first. Writes a PNG of the distance curve with peaks and kept frames.
+"""
+import argparse
+import pathlib
+
+import torch
+import torch.nn.functional as F
+
+import retake_ops
+
+SIZE = 64    # frames are resized to SIZE x SIZE before feature extraction
+GRID = 4     # GRID x GRID patches per frame -> N = 16
+DIM = 256    # feature dimension C
+
+
+def synthetic_video(frames: int, shots: int, seed: int):
+    """uint8 [T, SIZE, SIZE, 3]: `shots` scenes with hard cuts, slow drift and pixel noise.
+
+    Returns the video and the frame indices where a new shot starts (the cuts)."""
+    if not 1 <= shots <= frames:
+        raise ValueError(f"synthetic_video: shots must be in [1, frames={frames}], got {shots}")
+    g = torch.Generator().manual_seed(seed)
+    # Shots last at least half their fair share, so cuts are further apart than a peak window.
+    min_len = max(1, frames // (2 * shots))
+    extra = torch.rand(shots, generator=g)
+    lengths = (extra / extra.sum() * (frames - shots * min_len)).long() + min_len
+    lengths[-1] += frames - lengths.sum()
+    cuts = lengths.cumsum(0)[:-1].tolist()
+    starts = [0] + cuts
+    video = torch.empty(frames, SIZE, SIZE, 3)
+    for s, start in enumerate(starts):
+        end = starts[s + 1] if s + 1 < len(starts) else frames
+        # A scene wide enough for the camera to pan one pixel per frame to the shot's end.
+        scene = F.interpolate(torch.rand(1, 3, 8, 8 + 8 * (end - start) // SIZE, generator=g),
+                              size=(SIZE, SIZE + end - start), mode="bicubic")[0]
+        for t in range(start, end):
+            video[t] = scene[:, :, t - start: t - start + SIZE].permute(1, 2, 0)
+    video += 0.03 * torch.randn(video.shape, generator=g)
+    return (video.clamp(0, 1) * 255).to(torch.uint8), cuts
+
+
+def decode_video(path: str, max_frames: int):
+    """uint8 [T, SIZE, SIZE, 3] from a file, up to max_frames frames evenly spread."""
+    import av
+
+    with av.open(path) as container:
+        frames = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
+    if not frames:
+        raise ValueError(f"--video {path}: no video frames decoded")
+    step = max(1, -(-len(frames) // max_frames))
+    x = torch.stack([torch.from_numpy(f) for f in frames[::step]]).permute(0, 3, 1, 2).float()
+    x = F.interpolate(x, size=(SIZE, SIZE), mode="bilinear", antialias=True, align_corners=False)
+    return x.permute(0, 2, 3, 1).round().clamp(0, 255).to(torch.uint8)
+
+
+def patch_features(video: torch.Tensor, seed: int = 0) -> torch.Tensor:
+    """[T, H, W, 3] uint8 -> [1, T, GRID*GRID, DIM] fp32 by a fixed random projection of patches."""
+    T = video.shape[0]
+    p = SIZE // GRID
+    x = video.float().div(255).reshape(T, GRID, p, GRID, p, 3).permute(0, 1, 3, 2, 4, 5)
+    x = x.reshape(T, GRID * GRID, p * p * 3)
+    x = x - x.mean(dim=-1, keepdim=True)  # a centred patch makes cosine track content, not brightness
+    proj = torch.randn(p * p * 3, DIM, generator=torch.Generator().manual_seed(seed)) / (p * p * 3) ** 0.5
+    return (x @ proj).unsqueeze(0)
+
+
+def plot(path, dist, peaks, kept, cuts):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    t = torch.arange(len(dist))
+    fig, ax = plt.subplots(figsize=(12, 4))
+    for i, c in enumerate(cuts):
+        ax.axvline(c, color="0.8", lw=4, zorder=0, label="true cut" if i == 0 else None)
+    ax.plot(t, dist, color="tab:blue", lw=1, label="frame distance")
+    ax.scatter(t[kept], dist[kept], s=18, color="tab:green", label=f"kept ({len(kept)})", zorder=3)
+    ax.scatter(t[peaks], dist[peaks], s=60, facecolors="none", edgecolors="tab:red",
+               label=f"keyframes / peaks ({int(peaks.sum())})", zorder=4)
+    ax.set_xlabel("frame")
+    ax.set_ylabel("1 - cos(prev, cur), patch mean")
+    ax.set_title("DPSelect")
+    ax.legend(loc="upper right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--video", help="decode this video file with PyAV instead of the synthetic one")
+    ap.add_argument("--frames", type=int, default=240, help="synthetic video length, or max frames decoded")
+    ap.add_argument("--shots", type=int, default=6, help="shots in the synthetic video")
+    ap.add_argument("--keep", type=float, default=0.25, help="fraction of frames kept, in (0, 1]")
+    ap.add_argument("--window", type=int, default=9, help="peak window (odd)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", default="out", help="folder for dpselect.png")
+    args = ap.parse_args(argv)
+
+    if args.video:
+        video, cuts = decode_video(args.video, args.frames), []
+        print(f"decoded {video.shape[0]} frames from {args.video}")
+    else:
+        video, cuts = synthetic_video(args.frames, args.shots, args.seed)
+        print(f"synthetic video: {video.shape[0]} frames, {args.shots} shots, cuts at {cuts}")
+
+    feats = patch_features(video, args.seed)
+    T = feats.shape[1]
+    k = retake_ops.target_frames(T, args.keep)
+    idx, is_pivot = retake_ops.dpselect(feats, k, window=args.window)
+    dist = retake_ops.frame_distance(feats)[0]
+    peaks = retake_ops.local_peaks(dist, args.window)
+    keyframes = idx[0][is_pivot[0]].tolist()
+
+    print(f"kernels: {retake_ops.build_info()['ops']['dpselect']}")
+    print(f"kept {k} of {T} frames (keep={args.keep}, window={args.window})")
+    print(f"keyframes (pivots): {keyframes}")
+    print(f"other kept frames:  {idx[0][~is_pivot[0]].tolist()}")
+    if cuts:
+        found = [c for c in cuts if c in keyframes]
+        print(f"cuts that became keyframes: {len(found)}/{len(cuts)} {found}")
+
+    out = pathlib.Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    png = out / "dpselect.png"
+    plot(png, dist, peaks, idx[0], cuts)
+    print(f"wrote {png}")
+    return {"keyframes": keyframes, "kept": idx[0].tolist(), "cuts": cuts, "png": str(png)}
+
+
+if __name__ == "__main__":
+    main()

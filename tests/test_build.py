@@ -1,0 +1,83 @@
+"""The compiled library is what runs, and the package still works without it."""
+import os
+import pathlib
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import retake_ops
+from common import make_feats
+
+DPSELECT_OPS = ["frame_distance", "local_peaks", "dpselect"]
+
+
+@pytest.mark.parametrize("op", DPSELECT_OPS)
+def test_cpu_key_is_served_by_the_cpp_kernel(op, monkeypatch):
+    assert retake_ops.build_info()["compiled"]
+    assert torch._C._dispatch_has_kernel_for_dispatch_key(f"retake::{op}", "CPU")
+    assert retake_ops.build_info()["ops"][op]["cpu"] == "C++"
+
+    def fail(*args, **kwargs):
+        raise AssertionError("the Python reference ran instead of the C++ kernel")
+
+    monkeypatch.setattr(retake_ops.ref, op, fail)
+    feats = make_feats(1, 12, 2, 8)
+    args = {"frame_distance": (feats,), "local_peaks": (torch.randn(12),), "dpselect": (feats, 3)}[op]
+    getattr(torch.ops.retake, op)(*args)
+
+
+def test_falls_back_to_the_reference_without_the_compiled_library(tmp_path):
+    script = textwrap.dedent("""
+        import sys, warnings, torch
+        sys.modules["retake_ops._C"] = None  # makes `from . import _C` raise ImportError
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            import retake_ops
+        messages = [str(w.message) for w in caught if "retake_ops._C" in str(w.message)]
+        assert len(messages) == 1 and "falls back to its pure-PyTorch reference" in messages[0], messages
+        info = retake_ops.build_info()
+        assert not info["compiled"] and info["ops"]["dpselect"]["cpu"] == "reference", info
+        x = torch.randn(2, 30, 3, 16)
+        idx, piv = retake_ops.dpselect(x, 7)
+        ref_idx, ref_piv = retake_ops.ref.dpselect(x, 7)
+        assert torch.equal(idx, ref_idx) and torch.equal(piv, ref_piv)
+        try:
+            retake_ops.dpselect(x, 31)
+        except ValueError as e:
+            assert "num_frames must be in [0, T=30], got 31" in str(e)
+        else:
+            raise AssertionError("no error")
+        print("fallback ok")
+    """)
+    # Run outside the checkout so the installed package is imported, as a user would.
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert "fallback ok" in out.stdout
+
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("flag, code, message", [
+    ("1", 1, "RETAKE_OPS_BUILD_CUDA=1 but a CUDA build is impossible"),
+    ("0", 0, "CUDA kernels skipped: RETAKE_OPS_BUILD_CUDA=0"),
+    ("yes", 1, "RETAKE_OPS_BUILD_CUDA must be 0 or 1, got 'yes'"),
+])
+@pytest.mark.skipif(torch.version.cuda is not None, reason="checks the CPU-only torch build")
+def test_build_cuda_override(flag, code, message):
+    env = {**os.environ, "RETAKE_OPS_BUILD_CUDA": flag}
+    out = subprocess.run([sys.executable, "setup.py", "--name"], cwd=ROOT, env=env, capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == code
+    assert message in out.stdout + out.stderr
+
+
+def test_build_info_lists_every_op():
+    info = retake_ops.build_info()
+    assert set(DPSELECT_OPS) <= set(info["ops"])
+    assert info["torch"] == torch.__version__
+    for kinds in info["ops"].values():
+        assert kinds["cpu"] in {"C++", "reference"} and kinds["cuda"] in {"CUDA", "Triton", "reference"}
