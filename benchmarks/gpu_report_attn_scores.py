@@ -13,7 +13,8 @@ Anchors, each measured in the same run:
 - flash-colreduce (K repeated to Hq heads beforehand, outside the timing, and its
   per-head sums added over each group): target faster; skipped with the reason when the
   package is not installed.
-Peak extra memory of each, and a PNG of time and memory vs L (attn_scores.png).
+Peak extra memory of each (ctx.peak_memory: None where it cannot measure), and a PNG of
+time and memory vs L (attn_scores.png).
 """
 import torch
 import torch.nn.functional as F
@@ -32,16 +33,27 @@ def _is_oom(exc: BaseException) -> bool:
     return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower()
 
 
-def _measure(ctx, fn):
-    """(median ms, peak extra bytes) or ("OOM", "OOM")."""
+def _measure(ctx, fn, flops=None) -> dict:
+    """{"ms", "peak_bytes" (None where the context cannot measure it), and with flops
+    "tflops", "fraction_of_matmul_rate"}; {"ms": "OOM", "peak_bytes": "OOM"} when fn does
+    not fit in memory."""
     try:
-        return ctx.bench(fn), ctx.peak_memory(fn)
+        ms = ctx.bench(fn)
+        fig = {"ms": ms, "peak_bytes": ctx.peak_memory(fn)}
     except (RuntimeError, MemoryError) as exc:
         if not _is_oom(exc):
             raise
         if ctx.device.type == "cuda":
             torch.cuda.empty_cache()
-        return "OOM", "OOM"
+        return {"ms": "OOM", "peak_bytes": "OOM"}
+    if flops is not None:
+        fig["tflops"] = flops / (ms * 1e-3) / 1e12
+        fig["fraction_of_matmul_rate"] = fig["tflops"] / ctx.matmul_tflops
+    return fig
+
+
+def _speedup(anchor: dict, ours: dict):
+    return "OOM" if anchor["ms"] == "OOM" else anchor["ms"] / ours["ms"]
 
 
 def _flash_colreduce():
@@ -64,55 +76,43 @@ def run(ctx) -> dict:
         q = torch.randn(B, HQ, L, D, device=ctx.device, dtype=dtype, generator=gen)
         k = torch.randn(B, HKV, L, D, device=ctx.device, dtype=dtype, generator=gen)
         v = torch.randn(B, HKV, L, D, device=ctx.device, dtype=dtype, generator=gen)
-        row = {}
-        ours = lambda: torch.ops.retake.attn_scores(q, k, None, False)  # noqa: E731
-        ms, mem = _measure(ctx, ours)
-        tflops = _flops(L) / (ms * 1e-3) / 1e12
-        row["op_ms"] = ms
-        row["op_peak_MiB"] = mem / 2**20
-        row["op_tflops"] = tflops
-        row["op_vs_matmul"] = {"value": tflops, "anchor_tflops": ctx.matmul_tflops,
-                               "ratio": tflops / ctx.matmul_tflops, "target": ">= 0.5"}
-        causal_ms, _ = _measure(ctx, lambda: torch.ops.retake.attn_scores(q, k, None, True))
-        row["op_causal_ms"] = causal_ms
+        ours_fn = lambda: torch.ops.retake.attn_scores(q, k, None, False)  # noqa: E731
+        op = _measure(ctx, ours_fn, _flops(L))
+        # Causal skips the hidden half of the tiles: about half the flops.
+        op_causal = _measure(ctx, lambda: torch.ops.retake.attn_scores(q, k, None, True), _flops(L) / 2)
 
-        ref_ms, ref_mem = _measure(ctx, lambda: ref.attn_scores(q, k, None, False))
-        if ref_ms == "OOM":
-            row["reference"] = {"ms": "OOM", "peak_MiB": "OOM", "speedup": "OOM", "target": ">= 10"}
-        else:
+        reference = _measure(ctx, lambda: ref.attn_scores(q, k, None, False))
+        if reference["ms"] != "OOM":
             want = ref.attn_scores(q, k, None, False)
-            err = ((ours() - want).abs() / want.abs().clamp_min(1e-6)).max().item()
+            reference["max_rel_err_of_op"] = \
+                ((ours_fn() - want).abs() / want.abs().clamp_min(1e-6)).max().item()
             del want
-            row["reference"] = {"ms": ref_ms, "peak_MiB": ref_mem / 2**20,
-                                "speedup": ref_ms / ms, "target": ">= 10", "max_rel_err": err}
+        op["speedup_vs_reference"] = _speedup(reference, op)
 
-        sdpa = lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=True)  # noqa: E731
-        sdpa_ms, sdpa_mem = _measure(ctx, sdpa)
-        row["sdpa"] = {"ms": sdpa_ms,
-                       "peak_MiB": sdpa_mem if sdpa_mem == "OOM" else sdpa_mem / 2**20,
-                       "ratio": "OOM" if sdpa_ms == "OOM" else sdpa_ms / ms,
-                       "meaning": "sdpa time / op time at the same flop count"}
+        sdpa = _measure(ctx, lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=True),
+                        _flops(L))
+        op["speedup_vs_sdpa"] = _speedup(sdpa, op)
 
         if fcr is None:
-            row["flash_colreduce"] = {"skipped": fcr_skip}
+            flash = {"skipped": fcr_skip}
         else:
             k_rep = k.repeat_interleave(HQ // HKV, dim=1)
-            fcr_fn = lambda: fcr(q, k_rep, "sum").view(B, HKV, HQ // HKV, L).sum(2)  # noqa: E731
-            fcr_ms, fcr_mem = _measure(ctx, fcr_fn)
-            row["flash_colreduce"] = {
-                "ms": fcr_ms, "peak_MiB": fcr_mem if fcr_mem == "OOM" else fcr_mem / 2**20,
-                "speedup": "OOM" if fcr_ms == "OOM" else fcr_ms / ms, "target": "> 1",
-                "note": "K repeated to Hq heads before timing"}
+            flash = _measure(ctx, lambda: fcr(q, k_rep, "sum").view(B, HKV, HQ // HKV, L).sum(2),
+                             _flops(L))
+            flash["note"] = "K repeated to Hq heads before timing, head sums added per group"
+            op["speedup_vs_flash_colreduce"] = _speedup(flash, op)
             del k_rep
-        rows[f"L={L}"] = row
+        rows[f"L={L}"] = {"op": op, "op_causal": op_causal, "reference": reference, "sdpa": sdpa,
+                          "flash_colreduce": flash}
         del q, k, v
         if ctx.device.type == "cuda":
             torch.cuda.empty_cache()
     _plot(ctx, lengths, rows)
-    return {"attn_scores": {"shape": {"B": B, "Hq": HQ, "Hkv": HKV, "D": D, "dtype": "bfloat16",
-                                      "causal": False},
-                            "kernel": retake_ops.build_info()["ops"]["attn_scores"],
-                            "by_length": rows}}
+    return {"shape": {"B": B, "Hq": HQ, "Hkv": HKV, "D": D, "dtype": "bfloat16", "causal": False},
+            "targets": {"op.fraction_of_matmul_rate": ">= 0.5", "op.speedup_vs_reference": ">= 10",
+                        "op.speedup_vs_flash_colreduce": "> 1"},
+            "kernel": retake_ops.build_info()["ops"]["attn_scores"],
+            "by_length": rows}
 
 
 def _plot(ctx, lengths, rows):
@@ -121,22 +121,17 @@ def _plot(ctx, lengths, rows):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    series = {
-        "attn_scores (op)": ([rows[f"L={L}"]["op_ms"] for L in lengths],
-                             [rows[f"L={L}"]["op_peak_MiB"] for L in lengths]),
-        "reference": ([rows[f"L={L}"]["reference"]["ms"] for L in lengths],
-                      [rows[f"L={L}"]["reference"]["peak_MiB"] for L in lengths]),
-        "sdpa (same flops)": ([rows[f"L={L}"]["sdpa"]["ms"] for L in lengths],
-                              [rows[f"L={L}"]["sdpa"]["peak_MiB"] for L in lengths]),
-        "flash-colreduce": ([rows[f"L={L}"]["flash_colreduce"].get("ms") for L in lengths],
-                            [rows[f"L={L}"]["flash_colreduce"].get("peak_MiB") for L in lengths]),
-    }
+    series = {"attn_scores (op)": "op", "reference": "reference", "sdpa (same flops)": "sdpa",
+              "flash-colreduce": "flash_colreduce"}
     fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(11, 4))
-    for name, (times, mems) in series.items():
-        pts = [(L, t, m) for L, t, m in zip(lengths, times, mems) if isinstance(t, (int, float))]
-        if pts:
-            ax_t.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name)
-            ax_m.plot([p[0] for p in pts], [p[2] for p in pts], marker="o", label=name)
+    for name, key in series.items():
+        figs = [(L, rows[f"L={L}"][key]) for L in lengths]
+        times = [(L, f["ms"]) for L, f in figs if isinstance(f.get("ms"), float)]
+        mems = [(L, f["peak_bytes"] / 2**20) for L, f in figs if isinstance(f.get("peak_bytes"), int)]
+        if times:
+            ax_t.plot(*zip(*times), marker="o", label=name)
+        if mems:
+            ax_m.plot(*zip(*mems), marker="o", label=name)
     for ax, label in ((ax_t, "median time (ms)"), (ax_m, "peak extra memory (MiB)")):
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
@@ -145,7 +140,7 @@ def _plot(ctx, lengths, rows):
         ax.grid(True, which="both", alpha=0.3)
     ax_t.legend()
     fig.suptitle(f"attn_scores, B={B} Hq={HQ} Hkv={HKV} D={D} bf16 on {ctx.device} "
-                 "(missing points: OOM or not installed)")
+                 "(missing points: OOM, not installed or not measurable)")
     fig.tight_layout()
     ctx.out_dir.mkdir(parents=True, exist_ok=True)
     fig.savefig(ctx.out_dir / "attn_scores.png", dpi=120)

@@ -1,1 +1,0 @@
-"""Hugging Face integration (transformers 5.x): cache, attention hook, model patches."""
