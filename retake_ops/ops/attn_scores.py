@@ -71,24 +71,22 @@ def _(q, k, scale=None, causal=False):
     return q.new_empty((k.shape[0], k.shape[1], k.shape[2]), dtype=torch.float32)
 
 
-def cpu_blocks(G: int, rows: int, Lk: int, D: int, budget: int,
-               tile: int | None = None) -> tuple[int, int]:
+def cpu_blocks(G: int, rows: int, Lk: int, D: int, budget: int) -> tuple[int, int]:
     """(query rows per block, keys per block) for the CPU kernel.
 
     One block holds, per (head of the group, row, key): an fp32 score and a bool mask;
     per key: an fp32 copy of k and its index; per (head, row): an fp32 copy of q plus row
     statistics. All keys in one block (one pass over k) when at least 64 rows fit in the
-    budget, with rows also capped so that a block has about `tile` scores (cache-sized);
-    else 64 rows (fewer if the budget is tiny) and as many keys as fit.
+    budget, with rows also capped so that a block has about CPU_TILE_SCORES scores (cache
+    sized); else 64 rows (fewer if the budget is tiny) and as many keys as fit.
     """
-    tile = CPU_TILE_SCORES if tile is None else tile
 
     def size(r, n):
         return G * r * n * 5 + n * (D * 4 + 8) + G * r * (D * 4 + 16)
 
     r = (budget - Lk * (D * 4 + 8)) // (G * (Lk * 5 + D * 4 + 16))
     if r >= min(rows, 64):
-        return max(1, min(r, rows, max(64, tile // (G * Lk)))), Lk
+        return max(1, min(r, rows, max(64, CPU_TILE_SCORES // (G * Lk)))), Lk
     r = min(rows, 64)
     while r > 1 and size(r, 1) > budget:
         r //= 2
