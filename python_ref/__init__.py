@@ -4,9 +4,10 @@ Obvious over fast: these define what the kernels must compute, and they are
 what the ops fall back to when the compiled library is missing. They assume
 arguments that already passed the op's checks.
 """
+from .attn_scores import attn_scores
 from .dpselect import dpselect, target_frames
 from .frame_distance import frame_distance
 from .local_peaks import local_peaks
 from .nms_select import nms_select
 
-__all__ = ["frame_distance", "local_peaks", "dpselect", "target_frames", "nms_select"]
+__all__ = ["frame_distance", "local_peaks", "dpselect", "target_frames", "nms_select", "attn_scores"]
