@@ -6,6 +6,7 @@ arguments that already passed the op's checks.
 """
 from .dpselect import dpselect, target_frames
 from .frame_distance import frame_distance
+from .kv_gather import kv_gather
 from .local_peaks import local_peaks
 
-__all__ = ["frame_distance", "local_peaks", "dpselect", "target_frames"]
+__all__ = ["frame_distance", "local_peaks", "dpselect", "target_frames", "kv_gather"]

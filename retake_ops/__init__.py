@@ -13,9 +13,11 @@ from . import ref
 from .ops._registry import OPS, PY_CUDA_KERNELS, has_compiled_kernel
 from .ops.dpselect import dpselect, target_frames
 from .ops.frame_distance import frame_distance
+from .ops.kv_gather import kv_gather, kv_gather_out
 from .ops.local_peaks import local_peaks
 
 OPS.extend(["frame_distance", "local_peaks", "dpselect"])
+OPS.extend(["kv_gather", "kv_gather_out"])
 
 try:
     from . import _C  # noqa: F401  (registers kernels on import)
@@ -54,3 +56,4 @@ def build_info() -> dict:
 
 
 __all__ = ["frame_distance", "local_peaks", "dpselect", "target_frames", "build_info", "ref"]
+__all__ += ["kv_gather", "kv_gather_out"]

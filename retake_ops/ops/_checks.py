@@ -24,6 +24,10 @@ def check_window(op: str, window: int) -> None:
         raise ValueError(f"{op}: window must be odd and >= 1, got {window}")
 
 
+def index_range_message(op: str, name: str, size: int, lo: int, hi: int) -> str:
+    return f"{op}: {name} values must be in [0, L={size}), got min {lo}, max {hi}"
+
+
 def check_same_device(op: str, **tensors: torch.Tensor) -> None:
     devices = {name: t.device for name, t in tensors.items() if t is not None}
     if len(set(devices.values())) > 1:
