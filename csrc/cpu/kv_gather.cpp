@@ -6,11 +6,11 @@
 // kv_gather_out writes caller-given buffers in place when their rows are unit-stride and
 // they do not overlap an input, otherwise through a temporary.
 #include <ATen/ATen.h>
-#include <ATen/MemoryOverlap.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstdint>
 #include <cstring>
 #include <limits>
 #include <tuple>
@@ -61,9 +61,17 @@ void check_index_values(const char* op, const at::Tensor& idx, int64_t L) {
   TORCH_CHECK_VALUE(lo >= 0 && hi < L, op, ": idx values must be in [0, L=", L, "), got min ", lo, ", max ", hi);
 }
 
+// Whether the address ranges spanned by a and b intersect (conservative for strided views;
+// at::get_overlap_status gives up on non-dense tensors such as cache slices).
 bool overlaps(const at::Tensor& a, const at::Tensor& b) {
   if (a.numel() == 0 || b.numel() == 0) return false;
-  return at::get_overlap_status(a, b) != at::MemOverlapStatus::No;
+  auto span = [](const at::Tensor& t) {
+    int64_t last = 0;
+    for (int64_t d = 0; d < t.dim(); ++d) last += (t.size(d) - 1) * t.stride(d);
+    return (last + 1) * static_cast<int64_t>(t.element_size());
+  };
+  const auto pa = reinterpret_cast<uintptr_t>(a.data_ptr()), pb = reinterpret_cast<uintptr_t>(b.data_ptr());
+  return pa < pb + span(b) && pb < pa + span(a);
 }
 
 // Copies the rows into out_k/out_v, whose rows must be unit-stride and disjoint from the inputs.

@@ -15,7 +15,8 @@ import torch
 from torch import Tensor
 
 from .. import ref
-from ._checks import check_float, check_rank, check_same_device, index_range_message, shape_str
+from ._checks import (check_float, check_rank, check_same_device, index_range_message, memory_overlaps,
+                      shape_str)
 from ._registry import register_cuda
 
 OP = "kv_gather"
@@ -60,7 +61,7 @@ def check_kv_gather_out(k: Tensor, v: Tensor, idx: Tensor, out_k: Tensor, out_v:
 
 def check_no_overlap(op: str, out_k: Tensor, out_v: Tensor) -> None:
     """Real tensors only (fake ones have no memory): out_k and out_v are written independently."""
-    if out_k.numel() and out_v.numel() and torch._C._overlaps(out_k, out_v):
+    if memory_overlaps(out_k, out_v):
         raise ValueError(f"{op}: out_k and out_v must not overlap in memory")
 
 

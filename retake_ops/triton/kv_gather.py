@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..ops._checks import index_range_message
+from ..ops._checks import index_range_message, memory_overlaps
 
 BLOCK_L = 32
 NUM_WARPS = 4
@@ -61,10 +61,6 @@ def kv_gather_kernel(k_ptr, v_ptr, idx_ptr, ok_ptr, ov_ptr, flag_ptr,
         tl.store(ov_rows[:, None] + cols[None, :], y, mask=st)
 
 
-def _overlaps(a: torch.Tensor, b: torch.Tensor) -> bool:
-    return a.numel() > 0 and b.numel() > 0 and torch._C._overlaps(a, b)
-
-
 def kv_gather_triton(k: torch.Tensor, v: torch.Tensor, idx: torch.Tensor, out_k: torch.Tensor,
                      out_v: torch.Tensor, check_bounds: bool = True, op: str = "kv_gather"):
     """Gather rows of k and v at idx into out_k and out_v (arguments already checked).
@@ -82,7 +78,7 @@ def kv_gather_triton(k: torch.Tensor, v: torch.Tensor, idx: torch.Tensor, out_k:
     v = v if v.stride(-1) == 1 else v.contiguous()
     targets = []
     for out in (out_k, out_v):
-        direct = out.stride(-1) == 1 and not any(_overlaps(out, t) for t in (k, v, idx))
+        direct = out.stride(-1) == 1 and not any(memory_overlaps(out, t) for t in (k, v, idx))
         targets.append(out if direct else torch.empty(out.shape, dtype=out.dtype, device=out.device))
     tk, tv = targets
     bits = _BITS[k.element_size()]
