@@ -1,1 +1,1 @@
-"""Triton kernels (@triton.jit) with a plain launcher per kernel; imported only when triton is."""
+"""Triton kernels, one module per op, each with a plain launcher; imported only where triton is."""

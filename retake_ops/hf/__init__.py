@@ -1,0 +1,1 @@
+"""Hugging Face integration (transformers 5.x): cache, attention hook, model patches."""
