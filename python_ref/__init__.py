@@ -9,5 +9,7 @@ from .dpselect import dpselect, target_frames
 from .frame_distance import frame_distance
 from .kv_gather import kv_gather
 from .local_peaks import local_peaks
+from .pivot_kv_compress import keep_tokens, pivot_kv_compress
 
-__all__ = ["frame_distance", "local_peaks", "dpselect", "target_frames", "attn_scores", "kv_gather"]
+__all__ = ["frame_distance", "local_peaks", "dpselect", "target_frames", "attn_scores", "kv_gather",
+           "pivot_kv_compress", "keep_tokens"]

@@ -16,10 +16,11 @@ from .ops.dpselect import dpselect, target_frames
 from .ops.frame_distance import frame_distance
 from .ops.kv_gather import kv_gather, kv_gather_out
 from .ops.local_peaks import local_peaks
+from .ops.pivot_kv_compress import keep_tokens, pivot_kv_compress
 
 OPS.extend(["frame_distance", "local_peaks", "dpselect"])
 OPS.append("attn_scores")
-OPS.extend(["kv_gather", "kv_gather_out"])
+OPS.extend(["kv_gather", "kv_gather_out", "pivot_kv_compress"])
 
 try:
     from . import _C  # noqa: F401  (registers kernels on import)
@@ -57,4 +58,4 @@ def build_info() -> dict:
 
 __all__ = ["frame_distance", "local_peaks", "dpselect", "target_frames", "build_info", "ref",
            "attn_scores"]
-__all__ += ["kv_gather", "kv_gather_out"]
+__all__ += ["kv_gather", "kv_gather_out", "pivot_kv_compress", "keep_tokens"]
