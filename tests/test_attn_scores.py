@@ -5,6 +5,7 @@ exactly those values, so the only error left is fp32 arithmetic (dot products of
 terms, exp, sums over <= 7 * 1025 rows): rtol 1e-4, atol 1e-5 for every dtype.
 """
 import math
+import os
 
 import pytest
 import torch
@@ -177,6 +178,29 @@ def test_build_info_names_kernels():
 # --- Triton launcher under TRITON_INTERPRET=1 (tests/conftest.py) on CPU tensors ---
 
 triton_mod = pytest.importorskip("retake_ops.triton.attn_scores")
+
+
+@pytest.fixture(autouse=True)
+def interpreter_bf16_dot(monkeypatch):
+    """The Triton interpreter keeps bfloat16 as raw uint16 bits and its tl.dot multiplies
+    those bits (triton-lang/triton#11584, unsupported upstream). Widen bfloat16 dot operands
+    to float32 first, exactly, which is what the GPU's bf16 MMA with fp32 accumulation
+    computes; every other step of the kernels runs unchanged."""
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        return
+    import numpy as np
+    import triton.language as tl
+    from triton.runtime import interpreter
+
+    def widen(h):
+        if h.dtype != tl.bfloat16:
+            return h
+        bits = h.data.astype(np.uint32) << 16
+        return interpreter.TensorHandle(bits.view(np.float32), tl.float32)
+
+    create_dot = interpreter.InterpreterBuilder.create_dot
+    monkeypatch.setattr(interpreter.InterpreterBuilder, "create_dot",
+                        lambda self, a, b, *rest: create_dot(self, widen(a), widen(b), *rest))
 
 TRITON_CASES = [
     # (B, Hq, Hkv, Lq, Lk, D, causal)

@@ -90,7 +90,8 @@ def _attn_lse_kernel(Q, K, LSE, stride_qb, stride_qh, stride_qm, stride_kb, stri
                           qk_scale, 0, n_full, BLOCK_N, False)
     m_i, l_i = _lse_tiles(q, m_i, l_i, k_base, stride_kn, offs_m, offs_n, offs_d, D, Lk, shift,
                           qk_scale, n_full, n_hi, BLOCK_N, True)
-    lse = tl.where(l_i > 0, m_i + tl.math.log2(l_i), float("inf"))
+    has_key = l_i > 0
+    lse = tl.where(has_key, m_i + tl.math.log2(tl.where(has_key, l_i, 1.0)), float("inf"))
     tl.store(LSE + pid_bh.to(tl.int64) * Lq + offs_m, lse, mask=offs_m < Lq)
 
 
