@@ -17,6 +17,7 @@ from ..ops._checks import index_range_message, memory_overlaps
 
 BLOCK_L = 32
 NUM_WARPS = 4
+NUM_STAGES = 1  # nothing to pipeline: every row is loaded once and stored at once
 # Raw-bit views by element size.
 _BITS = {2: torch.int16, 4: torch.int32}
 
@@ -92,7 +93,8 @@ def kv_gather_triton(k: torch.Tensor, v: torch.Tensor, idx: torch.Tensor, out_k:
         k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
         idx.stride(0), si_h, idx.stride(-1),
         tk.stride(0), tk.stride(1), tk.stride(2), tv.stride(0), tv.stride(1), tv.stride(2),
-        CHECK=check_bounds, BLOCK_L=BLOCK_L, BLOCK_D=block_d(D), num_warps=NUM_WARPS)
+        CHECK=check_bounds, BLOCK_L=BLOCK_L, BLOCK_D=block_d(D), num_warps=NUM_WARPS,
+        num_stages=NUM_STAGES)
     if check_bounds and flag.item():
         raise ValueError(index_range_message(op, "idx", L, int(idx.min()), int(idx.max())))
     if tk is not out_k:
@@ -100,3 +102,21 @@ def kv_gather_triton(k: torch.Tensor, v: torch.Tensor, idx: torch.Tensor, out_k:
     if tv is not out_v:
         out_v.copy_(tv)
     return out_k, out_v
+
+
+def aot_specs() -> list[dict]:
+    """Ahead-of-time compile entries for tools/triton_aot.py: every raw-bit element type,
+    with and without the index check, at every BLOCK_D that block_d() can pick."""
+    sizes = {n: "i32" for n in ("H", "L", "L_out", "D")}
+    strides = {f"s{t}_{a}": "i32" for t in ("k", "v", "i", "ok", "ov") for a in ("b", "h", "l")}
+    specs = []
+    for bits in ("i16", "i32"):
+        for check in (True, False):
+            for bd in (16, 32, 64, 128):
+                signature = {"k_ptr": f"*{bits}", "v_ptr": f"*{bits}", "idx_ptr": "*i64", "ok_ptr": f"*{bits}",
+                             "ov_ptr": f"*{bits}", "flag_ptr": "*i32", **sizes, **strides}
+                specs.append(dict(name=f"kv_gather_kernel[{bits}_check{int(check)}_d{bd}]", kernel=kv_gather_kernel,
+                                  signature=signature,
+                                  constexprs=dict(CHECK=check, BLOCK_L=BLOCK_L, BLOCK_D=bd),
+                                  num_warps=NUM_WARPS, num_stages=NUM_STAGES))
+    return specs
