@@ -304,3 +304,17 @@ def test_rejects_out_buffers_sharing_memory():
     out = nan_like_gather(k, idx)
     with pytest.raises(ValueError, match="kv_gather_out: out_k and out_v must not overlap in memory"):
         retake_ops.kv_gather(k, v, idx, out_k=out, out_v=out)
+
+
+def test_out_variant_into_cache_slice_under_torch_compile():
+    k, v = make_kv(1, 2, 40, 64, torch.bfloat16)
+    idx = make_idx(1, 2, 40, 10, False)
+
+    def compact_into(cache_k, cache_v, k, v, idx):
+        retake_ops.kv_gather(k, v, idx, out_k=cache_k[:, :, 3:13], out_v=cache_v[:, :, 3:13], check_bounds=False)
+        return cache_k.sum()
+
+    caches = [torch.full((1, 2, 16, 64), float("nan"), dtype=torch.bfloat16) for _ in range(2)]
+    torch.compile(compact_into, backend="aot_eager", fullgraph=True)(*caches, k, v, idx)
+    assert_same((caches[0][:, :, 3:13], caches[1][:, :, 3:13]), ref.kv_gather(k, v, idx))
+    assert caches[0][:, :, :3].isnan().all() and caches[1][:, :, 13:].isnan().all()
