@@ -318,3 +318,17 @@ def test_out_variant_into_cache_slice_under_torch_compile():
     torch.compile(compact_into, backend="aot_eager", fullgraph=True)(*caches, k, v, idx)
     assert_same((caches[0][:, :, 3:13], caches[1][:, :, 3:13]), ref.kv_gather(k, v, idx))
     assert caches[0][:, :, :3].isnan().all() and caches[1][:, :, 13:].isnan().all()
+
+
+@pytest.mark.parametrize("gather", ["op", "triton"])
+def test_inputs_without_unit_stride_along_d(gather):
+    k, v = (t.transpose(2, 3).contiguous().transpose(2, 3) for t in make_kv(2, 3, 19, 64, torch.float16))
+    assert k.stride(3) != 1
+    idx = make_idx(2, 3, 19, 11, True)
+    out_k, out_v = nan_like_gather(k, idx), nan_like_gather(v, idx)
+    if gather == "op":
+        got = retake_ops.kv_gather(k, v, idx, out_k=out_k, out_v=out_v)
+    else:
+        got = kv_gather_triton(k, v, idx, out_k, out_v)
+    assert_same(got, ref.kv_gather(k, v, idx))
+    assert_same(torch.ops.retake.kv_gather(k, v, idx), ref.kv_gather(k, v, idx))
