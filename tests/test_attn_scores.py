@@ -96,19 +96,21 @@ def peak_allocated_bytes(fn):
     return peak
 
 
+@pytest.mark.parametrize("budget,one_key_block", [(1 << 20, False), (4 << 20, True)])
 @pytest.mark.parametrize("causal", [False, True])
-def test_cpu_scratch_is_bounded(monkeypatch, causal):
-    """With a 1 MiB budget the CPU kernel's peak allocation stays near the budget, where
-    the materialized reference needs the whole Hq x Lq x Lk fp32 softmax (32 MiB here)."""
-    budget = 1 << 20
+def test_cpu_scratch_is_bounded(monkeypatch, budget, one_key_block, causal):
+    """The CPU kernel's peak allocation stays within its scratch budget (1 MiB: key blocks,
+    two passes; 4 MiB: all keys in one block), where the materialized reference needs the
+    whole Hq x Lq x Lk fp32 softmax (32 MiB here)."""
     B, Hq, Hkv, Lq, Lk, D = 1, 8, 2, 1024, 1024, 64
+    assert (attn_op.cpu_blocks(Hq // Hkv, Lq, Lk, D, budget)[1] == Lk) == one_key_block
     monkeypatch.setattr(attn_op, "CPU_SCRATCH_BYTES", budget)
     q, k = make_qk(B, Hq, Hkv, Lq, Lk, D, torch.bfloat16)
     result = {}
     peak = peak_allocated_bytes(lambda: result.setdefault("out", attn_op.attn_scores_cpu(q, k, None, causal)))
     out_bytes = B * Hkv * Lk * 4
-    # The budget bounds the block scratch; allow the output and per-block temporaries of
-    # O(rows + keys) (row statistics, key sums) on top.
+    # The budget bounds the block scratch; allow the output and O(rows + keys) temporaries
+    # (row statistics, key sums) on top.
     assert peak <= budget + out_bytes + 64 * 1024, peak
     ref_peak = peak_allocated_bytes(lambda: ref.attn_scores(q, k, None, causal))
     assert ref_peak >= Hq * Lq * Lk * 4
@@ -178,6 +180,15 @@ def test_build_info_names_kernels():
 # --- Triton launcher under TRITON_INTERPRET=1 (tests/conftest.py) on CPU tensors ---
 
 triton_mod = pytest.importorskip("retake_ops.triton.attn_scores")
+# CPU tensors run through the interpreter; where CUDA is present the same tests run compiled.
+TRITON_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def run_triton(q, k, scale=None, causal=False, **kwargs):
+    out = triton_mod.attn_scores_triton(q.to(TRITON_DEVICE), k.to(TRITON_DEVICE), scale, causal,
+                                        **kwargs)
+    assert out.dtype == torch.float32 and out.device.type == TRITON_DEVICE
+    return out.cpu()
 
 
 @pytest.fixture(autouse=True)
@@ -220,22 +231,22 @@ TRITON_CASES = [
 def test_triton_matches_reference(case, dtype):
     *shape, causal = case
     q, k = make_qk(*shape, dtype)
-    out = triton_mod.attn_scores_triton(q, k, None, causal)
-    assert out.dtype == torch.float32 and out.shape == (shape[0], shape[2], shape[4])
+    out = run_triton(q, k, None, causal)
+    assert out.shape == (shape[0], shape[2], shape[4])
     torch.testing.assert_close(out, expected(q, k, None, causal), rtol=RTOL, atol=ATOL)
 
 
 @pytest.mark.parametrize("causal", [False, True])
 def test_triton_long(causal):
     q, k = make_qk(1, 4, 1, 1025, 1025, 64, torch.bfloat16)
-    out = triton_mod.attn_scores_triton(q, k, None, causal)
+    out = run_triton(q, k, None, causal)
     torch.testing.assert_close(out, expected(q, k, None, causal), rtol=RTOL, atol=ATOL)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_triton_head_dim_256(dtype):
     q, k = make_qk(1, 2, 1, 40, 70, 256, dtype)
-    out = triton_mod.attn_scores_triton(q, k, 0.1, True)
+    out = run_triton(q, k, 0.1, True)
     torch.testing.assert_close(out, expected(q, k, 0.1, True), rtol=RTOL, atol=ATOL)
 
 
@@ -243,7 +254,7 @@ def test_triton_head_dim_256(dtype):
 def test_triton_head_splits(splits):
     """Programs sharing a key block's group of heads add their partials in a fixed order."""
     q, k = make_qk(2, 14, 2, 70, 150, 64, torch.float16)
-    out = triton_mod.attn_scores_triton(q, k, None, True, head_splits=splits)
+    out = run_triton(q, k, None, True, head_splits=splits)
     torch.testing.assert_close(out, expected(q, k, None, True), rtol=RTOL, atol=ATOL)
 
 
@@ -251,7 +262,7 @@ def test_triton_non_contiguous():
     q, k = make_qk(1, 4, 2, 33, 29, 80, torch.bfloat16)
     qt = q.transpose(1, 2).contiguous().transpose(1, 2)
     kt = k.transpose(1, 2).contiguous().transpose(1, 2)
-    out = triton_mod.attn_scores_triton(qt, kt, None, True)
+    out = run_triton(qt, kt, None, True)
     torch.testing.assert_close(out, expected(q, k, None, True), rtol=RTOL, atol=ATOL)
 
 
@@ -260,7 +271,7 @@ def test_triton_non_contiguous():
        D=st.sampled_from([16, 64, 80]), causal=st.booleans(), seed=st.integers(0, 2**16))
 def test_triton_property(Hkv, G, Lq, Lk, D, causal, seed):
     q, k = make_qk(1, G * Hkv, Hkv, Lq, Lk, D, torch.float16, seed)
-    out = triton_mod.attn_scores_triton(q, k, None, causal)
+    out = run_triton(q, k, None, causal)
     torch.testing.assert_close(out, expected(q, k, None, causal), rtol=RTOL, atol=ATOL)
 
 

@@ -23,6 +23,8 @@ OP = "attn_scores"
 MAX_HEAD_DIM = 256
 # Scratch the CPU kernel may hold at once (scores block, masks, fp32 copies of q and k rows).
 CPU_SCRATCH_BYTES = 64 << 20
+# Scores per block when all keys fit in one: small enough to stay in cache between passes.
+CPU_TILE_SCORES = 1 << 20
 
 
 def check_attn_scores(q: Tensor, k: Tensor, scale: float | None) -> None:
@@ -69,21 +71,24 @@ def _(q, k, scale=None, causal=False):
     return q.new_empty((k.shape[0], k.shape[1], k.shape[2]), dtype=torch.float32)
 
 
-def cpu_blocks(G: int, rows: int, Lk: int, D: int, budget: int) -> tuple[int, int]:
+def cpu_blocks(G: int, rows: int, Lk: int, D: int, budget: int,
+               tile: int | None = None) -> tuple[int, int]:
     """(query rows per block, keys per block) for the CPU kernel.
 
     One block holds, per (head of the group, row, key): an fp32 score and a bool mask;
-    per key: an fp32 copy of k and its index; per (head, row): an fp32 copy of q plus row statistics.
-    All keys in one block (a single pass over k) when at least 64 rows fit, else 64 rows
-    (fewer if the budget is tiny) and as many keys as fit.
+    per key: an fp32 copy of k and its index; per (head, row): an fp32 copy of q plus row
+    statistics. All keys in one block (one pass over k) when at least 64 rows fit in the
+    budget, with rows also capped so that a block has about `tile` scores (cache-sized);
+    else 64 rows (fewer if the budget is tiny) and as many keys as fit.
     """
+    tile = CPU_TILE_SCORES if tile is None else tile
+
     def size(r, n):
         return G * r * n * 5 + n * (D * 4 + 8) + G * r * (D * 4 + 16)
 
-    per_row = G * (Lk * 5 + D * 4 + 16)
-    r = (budget - Lk * (D * 4 + 8)) // per_row
+    r = (budget - Lk * (D * 4 + 8)) // (G * (Lk * 5 + D * 4 + 16))
     if r >= min(rows, 64):
-        return max(1, min(r, rows)), Lk
+        return max(1, min(r, rows, max(64, tile // (G * Lk)))), Lk
     r = min(rows, 64)
     while r > 1 and size(r, 1) > budget:
         r //= 2
@@ -114,47 +119,48 @@ def attn_scores_cpu(q: Tensor, k: Tensor, scale: float | None = None, causal: bo
             kfull = kbh.float() if N == Lk else None
             for r0 in range(first_row, Lq, R):
                 r1 = min(r0 + R, Lq)
-                qb = q[b, h * G:(h + 1) * G, r0:r1].float()
+                # Scaling q (fp32) instead of the scores saves a pass over every block.
+                qb = q[b, h * G:(h + 1) * G, r0:r1].float() * scale
                 n_end = min(Lk, r1 + shift)  # keys beyond are hidden from every row of the block
                 if kfull is not None:
-                    out[b, h, :n_end] += _one_pass(qb, kfull[:n_end], scale, r0, shift)
+                    out[b, h, :n_end] += _one_pass(qb, kfull[:n_end], r0, shift)
                 else:
-                    _two_pass(out[b, h, :n_end], qb, kbh[:n_end], N, scale, r0, shift)
+                    _two_pass(out[b, h, :n_end], qb, kbh[:n_end], N, r0, shift)
                 del qb
     return out
 
 
-def _one_pass(qb: Tensor, kb: Tensor, scale: float, r0: int, shift: int) -> Tensor:
-    """All keys in one block: the scores are kept between finding lse and summing."""
-    s = _scores(qb, kb, scale, r0, 0, shift)
-    s.sub_(s.amax(dim=-1, keepdim=True)).exp_()
-    s.div_(s.sum(dim=-1, keepdim=True))
-    return s.sum(dim=(0, 1))
+def _one_pass(qb: Tensor, kb: Tensor, r0: int, shift: int) -> Tensor:
+    """All keys in one block: e = exp(s - rowmax) in place, then sum_i e[i, :] / l_i as one
+    vector-matrix product (l_i = sum_j e[i, j]) instead of normalizing and then summing."""
+    e = _scores(qb, kb, r0, 0, shift)
+    e.sub_(e.amax(dim=-1, keepdim=True)).exp_()
+    e = e.view(-1, e.shape[-1])
+    return torch.matmul(e.sum(dim=-1).reciprocal_(), e)
 
 
-def _two_pass(out: Tensor, qb: Tensor, kb: Tensor, N: int, scale: float, r0: int,
-              shift: int) -> None:
+def _two_pass(out: Tensor, qb: Tensor, kb: Tensor, N: int, r0: int, shift: int) -> None:
     """Keys in blocks of N: online max/sum per row, then out[j] += sum exp(s - lse).
     Each block is freed (del) before the next is allocated, so one block is live at a time."""
     G, R, Lk = qb.shape[0], qb.shape[1], kb.shape[0]
     m = torch.full((G, R, 1), float("-inf"))
     l = torch.zeros((G, R, 1))
     for n0 in range(0, Lk, N):
-        s = _scores(qb, kb[n0:n0 + N].float(), scale, r0, n0, shift)
+        s = _scores(qb, kb[n0:n0 + N].float(), r0, n0, shift)
         m_new = torch.maximum(m, s.amax(dim=-1, keepdim=True))
         l.mul_((m - m_new).exp_()).add_(s.sub_(m_new).exp_().sum(dim=-1, keepdim=True))
         m = m_new
         del s
     lse = m.add_(l.log_())
     for n0 in range(0, Lk, N):
-        s = _scores(qb, kb[n0:n0 + N].float(), scale, r0, n0, shift)
+        s = _scores(qb, kb[n0:n0 + N].float(), r0, n0, shift)
         out[n0:n0 + N] += s.sub_(lse).exp_().sum(dim=(0, 1))
         del s
 
 
-def _scores(qb: Tensor, kb: Tensor, scale: float, r0: int, n0: int, shift: int) -> Tensor:
-    """scale * qb @ kb^T ([G, R, N] fp32) with keys hidden from a row set to -inf."""
-    s = torch.matmul(qb, kb.t()).mul_(scale)
+def _scores(qb: Tensor, kb: Tensor, r0: int, n0: int, shift: int) -> Tensor:
+    """qb @ kb^T ([G, R, N] fp32, qb already scaled) with keys hidden from a row set to -inf."""
+    s = torch.matmul(qb, kb.t())
     R, N = qb.shape[1], kb.shape[0]
     if n0 + N - 1 > r0 + shift:  # some key of the block is beyond the first row's reach
         i = torch.arange(r0, r0 + R)
