@@ -14,11 +14,14 @@ from .ops._registry import OPS, PY_CPU_KERNELS, PY_CUDA_KERNELS, has_compiled_ke
 from .ops.attn_scores import attn_scores
 from .ops.dpselect import dpselect, target_frames
 from .ops.frame_distance import frame_distance
+from .ops.kv_gather import kv_gather, kv_gather_out
 from .ops.local_peaks import local_peaks
 from .ops.nms_select import nms_select
+from .ops.pivot_kv_compress import keep_tokens, pivot_kv_compress
 from .frame_select import FrameSelection, SimilarityScorer, UniformScorer, select_frames, uniform_indices
 
-OPS.extend(["frame_distance", "local_peaks", "dpselect", "nms_select", "attn_scores"])
+OPS.extend(["frame_distance", "local_peaks", "dpselect", "nms_select", "attn_scores", "kv_gather", "kv_gather_out",
+            "pivot_kv_compress"])
 
 try:
     from . import _C  # noqa: F401  (registers kernels on import)
@@ -57,6 +60,6 @@ def build_info() -> dict:
 __all__ = [
     "frame_distance", "local_peaks", "dpselect", "target_frames",
     "nms_select", "select_frames", "FrameSelection", "UniformScorer", "SimilarityScorer", "uniform_indices",
-    "attn_scores",
+    "attn_scores", "kv_gather", "kv_gather_out", "pivot_kv_compress", "keep_tokens",
     "build_info", "ref",
 ]
