@@ -39,8 +39,9 @@ def build_info() -> dict:
     """Which kernel each op uses on each device, plus the versions involved.
 
     ``{"torch": ..., "compiled": bool, "ops": {op: {"cpu": kind, "cuda": kind}}}``
-    with kinds "C++", "CUDA", "Triton", "blocked torch" or "reference". The answer comes from the
-    dispatcher itself, so it stays true whatever was built.
+    with kinds "C++", "CUDA" (retake_ops._C), "Triton", "blocked torch", "composite" (built from
+    other retake ops) or "reference". Compiled kinds come from the dispatcher itself, so they
+    stay true whatever was built.
     """
     ops = {}
     for op in OPS:
