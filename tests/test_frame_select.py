@@ -1,48 +1,20 @@
 """Frame selection: uniform sampling, scorers and select_frames around nms_select."""
-import json
-
 import pytest
 import torch
-import transformers
-from transformers import CLIPConfig, CLIPModel, CLIPProcessor, CLIPTokenizer, SiglipConfig, SiglipModel
+from transformers import SiglipConfig, SiglipModel
 
 import retake_ops
 from retake_ops import FrameSelection, SimilarityScorer, UniformScorer, select_frames, uniform_indices
-
-# The PIL image processor needs no torchvision; older transformers name it CLIPImageProcessor.
-ImageProcessor = getattr(transformers, "CLIPImageProcessorPil", None) or transformers.CLIPImageProcessor
-LETTERS = "abcdefghijklmnopqrstuvwxyz?"
-
+from tiny_clip import make_clip, make_processor, tiny_towers
 
 @pytest.fixture(scope="module")
 def processor(tmp_path_factory):
-    """A CLIP processor built from local files: a letter-level BPE vocabulary without merges
-    and a 32x32 image processor."""
-    d = tmp_path_factory.mktemp("clip_tokenizer")
-    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
-    for c in LETTERS:
-        vocab[c] = len(vocab)
-        vocab[c + "</w>"] = len(vocab)
-    (d / "vocab.json").write_text(json.dumps(vocab))
-    (d / "merges.txt").write_text("#version: 0.2\n")
-    tokenizer = CLIPTokenizer.from_pretrained(str(d))
-    images = ImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
-    return CLIPProcessor(image_processor=images, tokenizer=tokenizer)
-
-
-def tiny_towers(vocab_size: int) -> tuple[dict, dict]:
-    text = dict(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                num_attention_heads=2, max_position_embeddings=40, bos_token_id=0, eos_token_id=1, pad_token_id=1)
-    vision = dict(image_size=32, patch_size=8, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                  num_attention_heads=2)
-    return text, vision
+    return make_processor(tmp_path_factory.mktemp("clip_tokenizer"))
 
 
 @pytest.fixture(scope="module")
 def clip(processor):
-    torch.manual_seed(0)
-    text, vision = tiny_towers(len(processor.tokenizer))
-    return CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=16)).eval()
+    return make_clip(processor)
 
 
 def video_thwc(T=24, H=40, W=36, seed=0) -> torch.Tensor:
