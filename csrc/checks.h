@@ -46,4 +46,29 @@ inline void check_window(const char* op, int64_t window) {
   TORCH_CHECK_VALUE(window >= 1 && window % 2 == 1, op, ": window must be odd and >= 1, got ", window);
 }
 
+// Argument checks of the DPSelect ops, shared by their CPU kernels and CUDA glue.
+inline void check_feats(const char* op, const at::Tensor& feats) {
+  check_rank(op, "feats", feats, 4, "[B, T, N, C]");
+  check_float(op, "feats", feats);
+}
+
+inline void check_local_peaks_args(const at::Tensor& dist, int64_t window) {
+  constexpr const char* op = "local_peaks";
+  TORCH_CHECK_VALUE(dist.dim() >= 1, op, ": dist must have at least 1 dimension [..., T], got shape ",
+                    shape_str(dist));
+  check_float(op, "dist", dist);
+  check_window(op, window);
+}
+
+inline void check_dpselect_args(const at::Tensor& feats, int64_t num_frames, int64_t window) {
+  constexpr const char* op = "dpselect";
+  check_feats(op, feats);
+  const int64_t T = feats.size(1);
+  TORCH_CHECK_VALUE(T <= (int64_t(1) << 30), op, ": feats has T=", T, " frames, at most ", int64_t(1) << 30,
+                    " are supported");
+  TORCH_CHECK_VALUE(num_frames >= 0 && num_frames <= T, op, ": num_frames must be in [0, T=", T, "], got ",
+                    num_frames);
+  check_window(op, window);
+}
+
 }  // namespace retake

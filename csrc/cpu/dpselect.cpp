@@ -20,17 +20,9 @@ namespace retake {
 
 std::tuple<at::Tensor, at::Tensor> dpselect_cpu(const at::Tensor& feats, int64_t num_frames, int64_t window,
                                                 bool sync, bool check_finite) {
-  constexpr const char* op = "dpselect";
-  check_rank(op, "feats", feats, 4, "[B, T, N, C]");
-  check_float(op, "feats", feats);
+  check_dpselect_args(feats, num_frames, window);
   const int64_t B = feats.size(0), T = feats.size(1), N = feats.size(2);
-  TORCH_CHECK_VALUE(T <= (int64_t(1) << 30), op, ": feats has T=", T, " frames, at most ", int64_t(1) << 30,
-                    " are supported");
-  TORCH_CHECK_VALUE(num_frames >= 0 && num_frames <= T, op, ": num_frames must be in [0, T=", T, "], got ",
-                    num_frames);
-  check_window(op, window);
-
-  const at::Tensor dist = frame_distance_cpu_impl(feats, sync, 1.0, check_finite, op);
+  const at::Tensor dist = frame_distance_cpu_impl(feats, sync, 1.0, check_finite, "dpselect");
   const int64_t k = num_frames, inner = sync ? 1 : N;
   auto opts = feats.options();
   at::Tensor idx = at::empty(sync ? at::IntArrayRef{B, k} : at::IntArrayRef{B, k, N}, opts.dtype(at::kLong));

@@ -13,11 +13,7 @@
 namespace retake {
 
 at::Tensor local_peaks_cpu(const at::Tensor& dist, int64_t window) {
-  constexpr const char* op = "local_peaks";
-  TORCH_CHECK_VALUE(dist.dim() >= 1, op, ": dist must have at least 1 dimension [..., T], got shape ",
-                    shape_str(dist));
-  check_float(op, "dist", dist);
-  check_window(op, window);
+  check_local_peaks_args(dist, window);
   const at::Tensor x = dist.to(at::kFloat).contiguous();
   at::Tensor out = at::empty(dist.sizes(), dist.options().dtype(at::kBool));
   const int64_t T = dist.size(-1);

@@ -30,8 +30,7 @@ at::Tensor frame_distance_cuda_impl(const at::Tensor& feats, bool sync, double f
 
 at::Tensor frame_distance_cuda(const at::Tensor& feats, bool sync, double first, bool check_finite) {
   constexpr const char* op = "frame_distance";
-  check_rank(op, "feats", feats, 4, "[B, T, N, C]");
-  check_float(op, "feats", feats);
+  check_feats(op, feats);
   return frame_distance_cuda_impl(feats, sync, first, check_finite, op);
 }
 
