@@ -68,10 +68,13 @@ class _Group:
 class ChunkPlan:
     """Layer-independent part of one chunk's eviction (depends only on the masks).
 
-    Every row keeps `slots` tokens of the chunk: its protected real tokens (compress_mask
-    False), `keep_tokens(n_evictable_real, keep_ratio)` evictable real tokens, and, where
-    rows differ, filler: padding first (masked for ever), then the next best evictable
-    real tokens. So padding never displaces a real token, and all rows keep one count.
+    Padding does not count: a row asks for its protected real tokens (compress_mask
+    False) plus `keep_tokens(n_evictable_real, keep_ratio)` of its evictable real tokens,
+    and every row keeps `slots` = the largest such request, so the cache stays
+    rectangular. A row fills its slots with its protected tokens, then its best-scored
+    evictable real tokens, and only when it has no real token left, with padding
+    (lowest columns first, masked for ever). So no real token is evicted while padding
+    is held.
     """
 
     length: int
@@ -96,16 +99,14 @@ def plan_chunk(valid: torch.Tensor, evictable: torch.Tensor, pivots: torch.Tenso
     prot = valid & ~evictable
     n_cand = cand.sum(1).tolist()
     n_prot = prot.sum(1).tolist()
-    n_pad = (~valid).sum(1).tolist()
     keep_cand = [keep_tokens(n, keep_ratio) if n > 0 else 0 for n in n_cand]
     slots = max(p + k for p, k in zip(n_prot, keep_cand))
     if slots == length:
         return None
     keeps, fixed = [], []
     for b in range(batch):
-        extra = slots - n_prot[b] - keep_cand[b]
-        pad_fill = min(extra, n_pad[b])
-        keeps.append(keep_cand[b] + extra - pad_fill)
+        keeps.append(min(slots - n_prot[b], n_cand[b]))
+        pad_fill = slots - n_prot[b] - keeps[b]  # <= n_pad[b] because slots <= length
         pad_idx = torch.nonzero(~valid[b]).flatten()[:pad_fill]
         fixed.append(torch.cat([torch.nonzero(prot[b]).flatten(), pad_idx]).sort().values)
     if pivots is not None:
@@ -143,6 +144,7 @@ class PivotKVLayer(DynamicLayer):
         self.cumulative_length = 0
         self.positions: torch.Tensor | None = None
         self.valid: torch.Tensor | None = None
+        self.all_valid: bool | None = True  # cached valid.all(); None = unknown (saves a device sync)
         self.n_prev = 0  # held slots before the latest update
         self.hook_seen = False  # the attention function handled the latest update
         self.evicted_chunk = False  # the latest update was evicted down to its plan
@@ -191,25 +193,31 @@ class PivotKVLayer(DynamicLayer):
         super().reset()
         self.cumulative_length = 0
         self.positions = self.valid = None
+        self.all_valid = True
         self.n_prev = 0
 
     def crop(self, tokens_to_remove: int) -> None:
-        """Drop the last `-tokens_to_remove` original positions (held or evicted)."""
+        """Drop the last `-tokens_to_remove` tokens; they must all be held (never evicted)."""
         if tokens_to_remove > 0:
             raise ValueError(f"PivotKVLayer.crop: tokens_to_remove must be <= 0 (tokens to drop, negated), "
                              f"got {tokens_to_remove}")
         if tokens_to_remove == 0 or not self.is_initialized:
             return
-        self.cumulative_length = max(0, self.cumulative_length + tokens_to_remove)
-        # Positions ascend along every row and rows hold the same count, so row 0 decides.
-        held = int((self.positions[0] < self.cumulative_length).sum()) if self.positions.shape[1] else 0
-        self._select(slice(None), held)
+        n = -tokens_to_remove
+        tail = torch.arange(self.cumulative_length - n, self.cumulative_length, device=self.positions.device)
+        if n > self.positions.shape[1] or not bool((self.positions[:, -n:] == tail).all()):
+            raise ValueError(f"PivotKVLayer.crop: can only drop tokens that were never evicted, got "
+                             f"tokens_to_remove={tokens_to_remove} reaching into evicted positions of layer "
+                             f"{self.layer_idx}")
+        self.cumulative_length -= n
+        self._select(slice(None), self.positions.shape[1] - n)
 
     def _select(self, rows, held: int) -> None:
         self.keys = self.keys[rows, :, :held]
         self.values = self.values[rows, :, :held]
         self.positions = self.positions[rows, :held]
         self.valid = self.valid[rows, :held]
+        self.all_valid = None
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         if self.is_initialized:
@@ -248,6 +256,7 @@ class PivotKVLayer(DynamicLayer):
             new_part = given[..., n_prev:]
             new_vis = new_part if new_part.dtype == torch.bool else new_part > torch.finfo(new_part.dtype).min / 2
             self.valid[:, n_prev:] = new_vis[:, 0].diagonal(dim1=-2, dim2=-1).expand(batch, q_len)
+            self.all_valid = None
             float_mask, dtype = given.dtype != torch.bool, given.dtype
         if n_prev == 0:
             return given
@@ -256,7 +265,7 @@ class PivotKVLayer(DynamicLayer):
             q_pos = torch.arange(self.cumulative_length - q_len, self.cumulative_length, device=held_vis.device)
             near = (q_pos[None, :, None] - self.positions[:, None, :n_prev]) < sliding_window
             held_vis = held_vis & near[:, None]
-        elif given is None and q_len == 1 and bool(held_vis.all()):
+        elif given is None and q_len == 1 and self._all_valid():
             return None
         if new_vis is None:
             new_vis = torch.ones(q_len, q_len, dtype=torch.bool, device=held_vis.device).tril()
@@ -264,6 +273,11 @@ class PivotKVLayer(DynamicLayer):
         if not float_mask:
             return vis
         return torch.where(vis, torch.zeros((), dtype=dtype, device=vis.device), torch.finfo(dtype).min)
+
+    def _all_valid(self) -> bool:
+        if self.all_valid is None:
+            self.all_valid = bool(self.valid.all())
+        return self.all_valid
 
     def after_attention(self, query: torch.Tensor, scale: float | None) -> None:
         """Evict this layer's copy of the current chunk once its attention is done."""
@@ -327,6 +341,7 @@ class PivotKVLayer(DynamicLayer):
         self.values = self.values[:, :, :n_prev + slots]
         self.positions = torch.cat([self.positions[:, :n_prev], self.positions[:, n_prev:].gather(1, idx)], dim=1)
         self.valid = torch.cat([self.valid[:, :n_prev], self.valid[:, n_prev:].gather(1, idx)], dim=1)
+        self.all_valid = None
 
 
 class PivotKVCache(DynamicCache):
