@@ -4,8 +4,12 @@ Obvious over fast: these define what the kernels must compute, and they are
 what the ops fall back to when the compiled library is missing. They assume
 arguments that already passed the op's checks.
 """
+from .attn_scores import attn_scores
 from .dpselect import dpselect, target_frames
 from .frame_distance import frame_distance
+from .kv_gather import kv_gather
 from .local_peaks import local_peaks
+from .pivot_kv_compress import keep_tokens, pivot_kv_compress
 
-__all__ = ["frame_distance", "local_peaks", "dpselect", "target_frames"]
+__all__ = ["frame_distance", "local_peaks", "dpselect", "target_frames", "attn_scores", "kv_gather",
+           "pivot_kv_compress", "keep_tokens"]

@@ -24,6 +24,18 @@ def check_window(op: str, window: int) -> None:
         raise ValueError(f"{op}: window must be odd and >= 1, got {window}")
 
 
+def index_range_message(op: str, name: str, size: int, lo: int, hi: int) -> str:
+    return f"{op}: {name} values must be in [0, L={size}), got min {lo}, max {hi}"
+
+
+def memory_overlaps(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether the address ranges spanned by a and b intersect (conservative for strided views)."""
+    if a.numel() == 0 or b.numel() == 0:
+        return False
+    span = lambda t: sum((s - 1) * st for s, st in zip(t.shape, t.stride())) * t.element_size() + t.element_size()
+    return a.data_ptr() < b.data_ptr() + span(b) and b.data_ptr() < a.data_ptr() + span(a)
+
+
 def check_same_device(op: str, **tensors: torch.Tensor) -> None:
     devices = {name: t.device for name, t in tensors.items() if t is not None}
     if len(set(devices.values())) > 1:

@@ -1,0 +1,1 @@
+"""Triton kernels, one module per op, each with a plain launcher; imported only where triton is."""

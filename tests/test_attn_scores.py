@@ -1,0 +1,366 @@
+"""retake::attn_scores: CPU op and Triton launcher (interpreted on CPU) vs the fp64 reference.
+
+Tolerance: inputs are rounded to the tested dtype once and the reference runs in fp64 on
+exactly those values, so the only error left is fp32 arithmetic (dot products of <= 256
+terms, exp, sums over <= 7 * 1025 rows): rtol 1e-4, atol 1e-5 for every dtype.
+"""
+import math
+import os
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import retake_ops
+from retake_ops import ref
+from retake_ops.ops import attn_scores as attn_op
+
+RTOL, ATOL = 1e-4, 1e-5
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+def make_qk(B, Hq, Hkv, Lq, Lk, D, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    # A spread of 2 makes the softmax rows peaked enough that masking errors show.
+    q = (2 * torch.randn(B, Hq, Lq, D, generator=g)).to(dtype)
+    k = torch.randn(B, Hkv, Lk, D, generator=g).to(dtype)
+    return q, k
+
+
+def expected(q, k, scale=None, causal=False):
+    return ref.attn_scores(q.double(), k.double(), scale, causal).float()
+
+
+def visible_rows(Lq, Lk, causal):
+    """Query rows that see at least one key."""
+    return min(Lq, Lk) if causal and Lq > Lk else (Lq if Lk > 0 else 0)
+
+
+# (B, Hq, Hkv, Lq, Lk, D): GQA ratios 1/4/7, Lq != Lk both ways, odd lengths, L = 1.
+SHAPES = [
+    (1, 4, 4, 17, 17, 64),
+    (2, 8, 2, 17, 97, 80),
+    (1, 7, 1, 97, 17, 128),
+    (1, 7, 1, 1, 97, 64),
+    (2, 4, 1, 97, 1, 80),
+    (1, 2, 2, 33, 40, 96),
+    (1, 2, 1, 9, 13, 256),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("causal", [False, True])
+def test_cpu_matches_reference(shape, dtype, causal):
+    q, k = make_qk(*shape, dtype)
+    out = torch.ops.retake.attn_scores(q, k, None, causal)
+    assert out.dtype == torch.float32 and out.shape == (shape[0], shape[2], shape[4])
+    torch.testing.assert_close(out, expected(q, k, None, causal), rtol=RTOL, atol=ATOL)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_cpu_long(causal):
+    q, k = make_qk(1, 4, 1, 1025, 1025, 64, torch.bfloat16)
+    out = retake_ops.attn_scores(q, k, causal=causal)
+    torch.testing.assert_close(out, expected(q, k, None, causal), rtol=RTOL, atol=ATOL)
+
+
+@pytest.mark.parametrize("budget", [40_000, 300_000])
+@pytest.mark.parametrize("causal", [False, True])
+def test_cpu_blocked_passes(monkeypatch, budget, causal):
+    """Budgets too small for one key block per row block force the two-pass loop
+    (40 kB: 1-key ... few-key blocks; 300 kB: several row and key blocks)."""
+    B, Hq, Hkv, Lq, Lk, D = 2, 8, 2, 150, 230, 64
+    rows, cols = attn_op.cpu_blocks(Hq // Hkv, Lq, Lk, D, budget)
+    assert cols < Lk and rows < Lq
+    monkeypatch.setattr(attn_op, "CPU_SCRATCH_BYTES", budget)
+    q, k = make_qk(B, Hq, Hkv, Lq, Lk, D, torch.float32)
+    out = torch.ops.retake.attn_scores(q, k, 0.3, causal)
+    torch.testing.assert_close(out, expected(q, k, 0.3, causal), rtol=RTOL, atol=ATOL)
+
+
+def peak_allocated_bytes(fn):
+    """Peak of the bytes torch allocates during fn() above what was allocated before, from
+    the profiler's allocation records (every allocation and free, in order)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU],
+                                profile_memory=True) as prof:
+        fn()
+    records = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
+                     key=lambda e: e.start_ns())
+    assert records, "the profiler recorded no allocation"
+    live = peak = 0
+    for e in records:
+        live += e.nbytes()
+        peak = max(peak, live)
+    return peak
+
+
+@pytest.mark.parametrize("budget,one_key_block", [(1 << 20, False), (4 << 20, True)])
+@pytest.mark.parametrize("causal", [False, True])
+def test_cpu_scratch_is_bounded(monkeypatch, budget, one_key_block, causal):
+    """The CPU kernel's peak allocation stays within its scratch budget (1 MiB: key blocks,
+    two passes; 4 MiB: all keys in one block), where the materialized reference needs the
+    whole Hq x Lq x Lk fp32 softmax (32 MiB here)."""
+    B, Hq, Hkv, Lq, Lk, D = 1, 8, 2, 1024, 1024, 64
+    assert (attn_op.cpu_blocks(Hq // Hkv, Lq, Lk, D, budget)[1] == Lk) == one_key_block
+    monkeypatch.setattr(attn_op, "CPU_SCRATCH_BYTES", budget)
+    q, k = make_qk(B, Hq, Hkv, Lq, Lk, D, torch.bfloat16)
+    result = {}
+    peak = peak_allocated_bytes(lambda: result.setdefault("out", attn_op.attn_scores_cpu(q, k, None, causal)))
+    out_bytes = B * Hkv * Lk * 4
+    # The budget bounds the block scratch; allow the output and O(rows + keys) temporaries
+    # (row statistics, key sums) on top.
+    assert peak <= budget + out_bytes + 64 * 1024, peak
+    ref_peak = peak_allocated_bytes(lambda: ref.attn_scores(q, k, None, causal))
+    assert ref_peak >= Hq * Lq * Lk * 4
+    torch.testing.assert_close(result["out"], expected(q, k, None, causal), rtol=RTOL, atol=ATOL)
+
+
+def test_cpu_default_budget_single_key_block():
+    """The default 64 MiB budget covers a 16k-key row block in one pass over the keys."""
+    rows, cols = attn_op.cpu_blocks(4, 16384, 16384, 64, attn_op.CPU_SCRATCH_BYTES)
+    assert cols == 16384 and rows >= 64
+    assert 4 * rows * cols * 5 + cols * (64 * 4 + 8) + 4 * rows * (64 * 4 + 16) <= 64 << 20
+
+
+def test_cpu_non_contiguous_and_zero_sizes():
+    q, k = make_qk(1, 4, 2, 17, 23, 64, torch.float16)
+    # [B, L, H, D] caches viewed as [B, H, L, D]
+    qt = q.transpose(1, 2).contiguous().transpose(1, 2)
+    kt = k.transpose(1, 2).contiguous().transpose(1, 2)
+    assert not qt.is_contiguous() and not kt.is_contiguous()
+    torch.testing.assert_close(torch.ops.retake.attn_scores(qt, kt, None, True),
+                               expected(q, k, None, True), rtol=RTOL, atol=ATOL)
+    empty_q, _ = make_qk(1, 4, 2, 0, 5, 64, torch.float32)
+    out = torch.ops.retake.attn_scores(empty_q, k.float(), None, False)
+    assert out.shape == (1, 2, 23) and bool((out == 0).all())
+    assert torch.ops.retake.attn_scores(q, k[:, :, :0], None, False).shape == (1, 2, 0)
+
+
+@settings(max_examples=40, deadline=None)
+@given(B=st.integers(1, 2), Hkv=st.integers(1, 3), G=st.integers(1, 4), Lq=st.integers(1, 40),
+       Lk=st.integers(1, 40), D=st.integers(1, 48), causal=st.booleans(),
+       scale=st.one_of(st.none(), st.floats(0.05, 2.0)), seed=st.integers(0, 2**16))
+def test_cpu_property(B, Hkv, G, Lq, Lk, D, causal, scale, seed):
+    q, k = make_qk(B, G * Hkv, Hkv, Lq, Lk, D, torch.float32, seed)
+    out = torch.ops.retake.attn_scores(q, k, scale, causal)
+    torch.testing.assert_close(out, expected(q, k, scale, causal), rtol=RTOL, atol=ATOL)
+    # Each row that sees a key spreads a mass of exactly 1 over the keys.
+    mass = torch.full((B, Hkv), float(G * visible_rows(Lq, Lk, causal)))
+    torch.testing.assert_close(out.sum(-1), mass, rtol=1e-5, atol=1e-4)
+    assert bool((out >= 0).all())
+
+
+def test_reference_rows_without_keys_contribute_nothing():
+    """Causal with Lq > Lk: rows 0 .. Lq - Lk - 1 see no key, the rest see 1, 2, ... keys."""
+    q = torch.zeros(1, 1, 5, 4, dtype=torch.float64)
+    k = torch.zeros(1, 1, 3, 4, dtype=torch.float64)
+    # Uniform scores: row i (i >= 2) spreads 1 evenly over keys 0 .. i - 2.
+    want = torch.tensor([[[1 + 1 / 2 + 1 / 3, 1 / 2 + 1 / 3, 1 / 3]]], dtype=torch.float64)
+    torch.testing.assert_close(ref.attn_scores(q, k, None, True), want)
+    torch.testing.assert_close(torch.ops.retake.attn_scores(q.float(), k.float(), None, True),
+                               want.float())
+
+
+@pytest.mark.parametrize("scale,causal", [(None, False), (0.2, True)])
+def test_opcheck(scale, causal):
+    q, k = make_qk(2, 6, 2, 9, 13, 80, torch.bfloat16)
+    torch.library.opcheck(torch.ops.retake.attn_scores.default, (q, k), {"scale": scale, "causal": causal})
+    q, k = make_qk(1, 4, 4, 7, 5, 64, torch.float32)
+    torch.library.opcheck(torch.ops.retake.attn_scores.default, (q, k), {"scale": scale, "causal": causal})
+
+
+def test_build_info_names_kernels():
+    info = retake_ops.build_info()["ops"]["attn_scores"]
+    assert info["cpu"] == "blocked torch"
+    assert info["cuda"] == "Triton"
+
+
+# --- Triton launcher under TRITON_INTERPRET=1 (tests/conftest.py) on CPU tensors ---
+
+triton_mod = pytest.importorskip("retake_ops.triton.attn_scores")
+# CPU tensors run through the interpreter; where CUDA is present the same tests run compiled.
+TRITON_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def run_triton(q, k, scale=None, causal=False, **kwargs):
+    out = triton_mod.attn_scores_triton(q.to(TRITON_DEVICE), k.to(TRITON_DEVICE), scale, causal,
+                                        **kwargs)
+    assert out.dtype == torch.float32 and out.device.type == TRITON_DEVICE
+    return out.cpu()
+
+
+@pytest.fixture(autouse=True)
+def interpreter_bf16_dot(monkeypatch):
+    """The Triton interpreter keeps bfloat16 as raw uint16 bits and its tl.dot multiplies
+    those bits (triton-lang/triton#11584, unsupported upstream). Widen bfloat16 dot operands
+    to float32 first, exactly, which is what the GPU's bf16 MMA with fp32 accumulation
+    computes; every other step of the kernels runs unchanged."""
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        return
+    import numpy as np
+    import triton.language as tl
+    from triton.runtime import interpreter
+
+    def widen(h):
+        if h.dtype != tl.bfloat16:
+            return h
+        bits = h.data.astype(np.uint32) << 16
+        return interpreter.TensorHandle(bits.view(np.float32), tl.float32)
+
+    create_dot = interpreter.InterpreterBuilder.create_dot
+    monkeypatch.setattr(interpreter.InterpreterBuilder, "create_dot",
+                        lambda self, a, b, *rest: create_dot(self, widen(a), widen(b), *rest))
+
+TRITON_CASES = [
+    # (B, Hq, Hkv, Lq, Lk, D, causal)
+    (1, 4, 4, 17, 17, 64, False),
+    (1, 4, 4, 17, 17, 64, True),
+    (2, 8, 2, 17, 97, 80, True),
+    (1, 7, 1, 97, 17, 128, True),
+    (1, 7, 1, 97, 17, 128, False),
+    (1, 7, 1, 1, 97, 64, True),
+    (2, 4, 1, 97, 1, 80, False),
+    (1, 2, 1, 9, 13, 96, True),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", TRITON_CASES)
+def test_triton_matches_reference(case, dtype):
+    *shape, causal = case
+    q, k = make_qk(*shape, dtype)
+    out = run_triton(q, k, None, causal)
+    assert out.shape == (shape[0], shape[2], shape[4])
+    torch.testing.assert_close(out, expected(q, k, None, causal), rtol=RTOL, atol=ATOL)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_triton_long(causal):
+    q, k = make_qk(1, 4, 1, 1025, 1025, 64, torch.bfloat16)
+    out = run_triton(q, k, None, causal)
+    torch.testing.assert_close(out, expected(q, k, None, causal), rtol=RTOL, atol=ATOL)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_triton_head_dim_256(dtype):
+    q, k = make_qk(1, 2, 1, 40, 70, 256, dtype)
+    out = run_triton(q, k, 0.1, True)
+    torch.testing.assert_close(out, expected(q, k, 0.1, True), rtol=RTOL, atol=ATOL)
+
+
+@pytest.mark.parametrize("splits", [2, 3, 7])
+def test_triton_head_splits(splits):
+    """Programs sharing a key block's group of heads add their partials in a fixed order."""
+    q, k = make_qk(2, 14, 2, 70, 150, 64, torch.float16)
+    out = run_triton(q, k, None, True, head_splits=splits)
+    torch.testing.assert_close(out, expected(q, k, None, True), rtol=RTOL, atol=ATOL)
+
+
+def test_triton_non_contiguous():
+    q, k = make_qk(1, 4, 2, 33, 29, 80, torch.bfloat16)
+    qt = q.transpose(1, 2).contiguous().transpose(1, 2)
+    kt = k.transpose(1, 2).contiguous().transpose(1, 2)
+    out = run_triton(qt, kt, None, True)
+    torch.testing.assert_close(out, expected(q, k, None, True), rtol=RTOL, atol=ATOL)
+
+
+@settings(max_examples=12, deadline=None)
+@given(Hkv=st.integers(1, 2), G=st.integers(1, 3), Lq=st.integers(1, 150), Lk=st.integers(1, 150),
+       D=st.sampled_from([16, 64, 80]), causal=st.booleans(), seed=st.integers(0, 2**16))
+def test_triton_property(Hkv, G, Lq, Lk, D, causal, seed):
+    q, k = make_qk(1, G * Hkv, Hkv, Lq, Lk, D, torch.float16, seed)
+    out = run_triton(q, k, None, causal)
+    torch.testing.assert_close(out, expected(q, k, None, causal), rtol=RTOL, atol=ATOL)
+
+
+def test_shipped_configs_cover_dispatch():
+    """Every (dtype, D) the launcher accepts maps to a configuration that the
+    ahead-of-time compile step covers."""
+    shipped = {(dt, cfg) for dt, cfg in triton_mod.SHIPPED_CONFIGS}
+    for dtype in DTYPES:
+        for D in (1, 16, 64, 65, 80, 96, 128, 129, 256):
+            cfg = triton_mod.block_config(D, dtype)
+            assert (dtype, cfg) in shipped and cfg.block_d >= D
+
+
+# --- rejected inputs: one test each, asserting the message ---
+
+def qk(Hq=4, Hkv=2, D=64, dtype=torch.float32):
+    return torch.randn(1, Hq, 5, D, dtype=dtype), torch.randn(1, Hkv, 6, D, dtype=dtype)
+
+
+def call(q, k, scale=None, causal=False):
+    return torch.ops.retake.attn_scores(q, k, scale, causal)
+
+
+def test_rejects_q_rank():
+    q, k = qk()
+    with pytest.raises(ValueError, match=r"attn_scores: q must be a 4-D tensor \[B, Hq, Lq, D\], got shape \[4, 5, 64\]"):
+        call(q[0], k)
+
+
+def test_rejects_k_rank():
+    q, k = qk()
+    with pytest.raises(ValueError, match=r"attn_scores: k must be a 4-D tensor \[B, Hkv, Lk, D\], got shape \[1, 1, 2, 6, 64\]"):
+        call(q, k[None])
+
+
+def test_rejects_dtype():
+    q, k = qk()
+    with pytest.raises(ValueError, match="attn_scores: q must be float16, bfloat16 or float32, got torch.float64"):
+        call(q.double(), k.double())
+
+
+def test_rejects_dtype_mismatch():
+    q, k = qk()
+    with pytest.raises(ValueError, match="attn_scores: q and k must have the same dtype, got q torch.float32 and k torch.bfloat16"):
+        call(q, k.bfloat16())
+
+
+def test_rejects_device_mix():
+    q, k = qk()
+    with pytest.raises(ValueError, match="attn_scores: all tensors must be on one device, got q on cpu, k on meta"):
+        call(q, k.to("meta"))
+
+
+def test_rejects_batch_mismatch():
+    q, k = qk()
+    with pytest.raises(ValueError, match=r"attn_scores: q and k must have the same batch size B, got q \[2, 4, 5, 64\] and k \[1, 2, 6, 64\]"):
+        call(torch.cat([q, q]), k)
+
+
+def test_rejects_head_dim_mismatch():
+    q, k = qk()
+    with pytest.raises(ValueError, match=r"attn_scores: q and k must have the same head dim D, got q \[1, 4, 5, 64\] and k \[1, 2, 6, 32\]"):
+        call(q, k[..., :32])
+
+
+def test_rejects_head_dim_too_large():
+    q, k = qk(D=288)
+    with pytest.raises(ValueError, match=r"attn_scores: head dim D must be in \[1, 256\], got D=288"):
+        call(q, k)
+
+
+def test_rejects_heads_not_multiple():
+    q, k = qk(Hq=6, Hkv=4)
+    with pytest.raises(ValueError, match=r"attn_scores: q has Hq=6 heads and k has Hkv=4: Hq must be a positive multiple of Hkv \(Hq % Hkv == 0\)"):
+        call(q, k)
+
+
+@pytest.mark.parametrize("scale", [0.0, -0.5, math.inf, math.nan])
+def test_rejects_scale(scale):
+    q, k = qk()
+    with pytest.raises(ValueError, match=rf"attn_scores: scale must be a finite number > 0 \(or None for D\*\*-0.5\), got {scale}"):
+        call(q, k, scale)
+
+
+def test_fake_kernel_checks_too():
+    q, k = qk(Hq=6, Hkv=4)
+    with torch._subclasses.FakeTensorMode() as mode:
+        fq, fk = mode.from_tensor(q), mode.from_tensor(k)
+        with pytest.raises(ValueError, match="Hq must be a positive multiple of Hkv"):
+            call(fq, fk)
+        out = call(mode.from_tensor(qk()[0]), mode.from_tensor(qk()[1]))
+    assert out.shape == (1, 2, 6) and out.dtype == torch.float32
