@@ -105,7 +105,8 @@ def chunk_ends(prefill_len, chunk):
 
 
 def oracle_forward(model, impl, seq, kept, prefill_len, chunk, **kwargs):
-    """Full uncompressed forward of seq [B, N]; layer l hides the prefill tokens missing from kept[l]."""
+    """Full uncompressed forward of seq [B, N] (or kwargs' inputs_embeds [B, N, hidden]); layer l hides
+    the prefill tokens missing from kept[l] from the queries after their chunk."""
     batch, n = seq.shape
     ends = torch.full((n,), n + 1)
     ends[:prefill_len] = chunk_ends(prefill_len, chunk)
@@ -119,7 +120,7 @@ def oracle_forward(model, impl, seq, kept, prefill_len, chunk, **kwargs):
     previous = config._attn_implementation
     config._attn_implementation = "pivotkv_oracle_" + impl
     try:
-        out = model(seq, **kwargs)
+        out = model(**kwargs) if "inputs_embeds" in kwargs else model(seq, **kwargs)
     finally:
         config._attn_implementation = previous
     return out.logits if hasattr(out, "logits") else out.last_hidden_state
@@ -230,19 +231,39 @@ def test_compressed_run_equals_oracle(arch, impl):
     assert torch.equal(gen, oracle_greedy(model, impl, prompt, kept, prefill_len, chunk, steps))
 
 
+def video_mrope_positions(n_text, frames, grid, n_tail):
+    """[3, 1, L] Qwen2-VL-style positions: text, then frames of grid x grid patches (t, h, w), then text."""
+    t = torch.arange(frames).repeat_interleave(grid * grid)
+    h = torch.arange(grid).repeat_interleave(grid).repeat(frames)
+    w = torch.arange(grid).repeat(grid * frames)
+    video = torch.stack([t, h, w]) + n_text
+    text = torch.arange(n_text).expand(3, -1)
+    tail = torch.arange(n_tail).expand(3, -1) + int(video.max()) + 1
+    return torch.cat([text, video, tail], dim=1)[:, None]
+
+
 @pytest.mark.parametrize("impl", IMPLS)
-def test_qwen2_vl_text_model_hidden_states_equal_oracle(impl):
+def test_qwen2_vl_text_model_with_mrope_positions_equals_oracle(impl):
     torch.manual_seed(0)
     config = Qwen2VLTextConfig(**COMMON, rope_parameters=MROPE, attn_implementation=impl)
     model = Qwen2VLTextModel(config).eval()
     prefill_len, chunk, cont = 120, 32, 5
-    ids = torch.randint(3, 120, (1, prefill_len + cont), generator=torch.Generator().manual_seed(5))
+    positions = video_mrope_positions(8, 7, 4, prefill_len + cont - 8 - 7 * 16)
+    embeds = torch.randn(1, prefill_len + cont, COMMON["hidden_size"], generator=torch.Generator().manual_seed(5))
+    compress = torch.zeros(1, prefill_len, dtype=torch.bool)
+    compress[:, 8:8 + 7 * 16] = True  # only the video tokens may be evicted
     cache = PivotKVCache(keep_ratio=0.3)
-    last = chunked_prefill(model, ids[:, :prefill_len], cache=cache, chunk_size=chunk)
-    out = model(ids[:, prefill_len:], past_key_values=cache).last_hidden_state
-    oracle = oracle_forward(model, impl, ids, kept_of(cache, model), prefill_len, chunk)
+    last = chunked_prefill(model, inputs_embeds=embeds[:, :prefill_len], cache=cache, chunk_size=chunk,
+                           position_ids=positions[..., :prefill_len], compress_mask=compress)
+    out = model(inputs_embeds=embeds[:, prefill_len:], position_ids=positions[..., prefill_len:],
+                past_key_values=cache).last_hidden_state
+    kept = kept_of(cache, model)
+    oracle = oracle_forward(model, impl, embeds[..., 0], kept, prefill_len, chunk, inputs_embeds=embeds,
+                            position_ids=positions)
     torch.testing.assert_close(last, oracle[:, prefill_len - 1], rtol=0, atol=TOL)
     torch.testing.assert_close(out, oracle[:, prefill_len:], rtol=0, atol=TOL)
+    for held in kept:
+        assert torch.isin(torch.nonzero(~compress[0]).flatten(), held[0]).all()
 
 
 @pytest.mark.parametrize("impl", IMPLS)
