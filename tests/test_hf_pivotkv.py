@@ -367,21 +367,26 @@ def test_rows_with_different_evictable_counts_keep_one_count():
         assert torch.isin(torch.arange(10, 22), held[0]).all()
 
 
-def test_compressor_sees_only_the_chunk(monkeypatch):
+@pytest.mark.parametrize("force_pivots", [True, False])
+def test_compressor_sees_only_the_chunk(monkeypatch, force_pivots):
     """Compression memory is bounded by the chunk: the compressor never gets more than its K/V."""
     model = build("llama", "sdpa")
     calls = []
     real_op = torch.ops.retake.pivot_kv_compress
 
-    def spy(q, k, v, *args):
-        calls.append((tuple(q.shape), tuple(k.shape), tuple(v.shape)))
-        return real_op(q, k, v, *args)
+    def spy(q, k, v, pivot_mask, keep, causal, scale, force):
+        calls.append((q.shape[2], k.shape[2], v.shape[2], keep, causal, scale, force))
+        return real_op(q, k, v, pivot_mask, keep, causal, scale, force)
 
     monkeypatch.setattr(torch.ops.retake, "pivot_kv_compress", spy)
-    cache = PivotKVCache(keep_ratio=0.5)
-    chunked_prefill(model, torch.randint(3, 120, (1, 100)), cache=cache, chunk_size=24)
-    assert len(calls) == 4 * 2  # four evicted chunks (the last stays) times two layers
-    assert all(q[2] == 24 and k[2] == 24 and v[2] == 24 for q, k, v in calls)
+    cache = PivotKVCache(keep_ratio=0.5, force_pivots=force_pivots)
+    ids = torch.randint(3, 120, (1, 100), generator=torch.Generator().manual_seed(11))
+    last = chunked_prefill(model, ids, cache=cache, chunk_size=24, pivot_mask=random_pivots(1, 100, 12, p=0.3))
+    # Four evicted chunks (the last stays) times two layers, each on the chunk alone, with the model's
+    # softmax scale, non-causal scores as in ReTaKe, and the cache's pivot rule.
+    assert calls == [(24, 24, 24, 12, False, model.model.layers[0].self_attn.scaling, force_pivots)] * 8
+    oracle = oracle_forward(model, "sdpa", ids, kept_of(cache, model), 100, 24)
+    torch.testing.assert_close(last, oracle[:, -1], rtol=0, atol=TOL)
 
 
 def test_cache_bookkeeping_follows_batch_operations():

@@ -53,13 +53,38 @@ def take_pending(module, key: torch.Tensor) -> "PivotKVLayer | None":
     return None
 
 
+Columns = slice | torch.Tensor | None  # None: every column; a slice stays a view; int64 indices copy
+
+
+def _columns(mask: torch.Tensor) -> Columns:
+    """The True columns of a bool [C] row, as None (all), a slice (one run: left padding) or indices."""
+    idx = torch.nonzero(mask).flatten()
+    if idx.numel() == mask.numel():
+        return None
+    lo, hi = (int(idx[0]), int(idx[-1]) + 1) if idx.numel() else (0, 0)
+    return slice(lo, hi) if hi - lo == idx.numel() else idx
+
+
+def _count(cols: Columns, length: int) -> int:
+    if cols is None:
+        return length
+    return cols.stop - cols.start if isinstance(cols, slice) else cols.numel()
+
+
+def _chunk_index(cols: Columns, idx: torch.Tensor) -> torch.Tensor:
+    """Map indices into the selected columns back to chunk columns."""
+    if cols is None:
+        return idx
+    return idx + cols.start if isinstance(cols, slice) else cols[idx]
+
+
 @dataclass
 class _Group:
     """Rows of a chunk that share one compressor call."""
 
-    rows: torch.Tensor | None  # int64 [r] rows of the batch; None: every row
-    query_idx: torch.Tensor | None  # int64 [n_q] chunk columns of the real queries; None: all
-    cand_idx: torch.Tensor | None  # int64 [n_c] chunk columns of the evictable real tokens; None: all
+    rows: slice | None  # rows of the batch; None: every row
+    query_cols: Columns  # chunk columns of the real queries
+    cand_cols: Columns  # chunk columns of the evictable real tokens
     keep: int  # how many of the candidates stay
     pivots: torch.Tensor | None  # bool [r, n_c]; None: no pivot among the candidates
 
@@ -86,7 +111,7 @@ class ChunkPlan:
     def fast(self) -> bool:
         g = self.groups[0]
         return (self.fixed is None and len(self.groups) == 1 and g.rows is None
-                and g.query_idx is None and g.cand_idx is None)
+                and g.query_cols is None and g.cand_cols is None)
 
 
 def plan_chunk(valid: torch.Tensor, evictable: torch.Tensor, pivots: torch.Tensor | None,
@@ -106,30 +131,29 @@ def plan_chunk(valid: torch.Tensor, evictable: torch.Tensor, pivots: torch.Tenso
     keeps, fixed = [], []
     for b in range(batch):
         keeps.append(min(slots - n_prot[b], n_cand[b]))
-        pad_fill = slots - n_prot[b] - keeps[b]  # <= n_pad[b] because slots <= length
+        pad_fill = slots - n_prot[b] - keeps[b]  # the row has that much padding: slots <= length
         pad_idx = torch.nonzero(~valid[b]).flatten()[:pad_fill]
         fixed.append(torch.cat([torch.nonzero(prot[b]).flatten(), pad_idx]).sort().values)
     if pivots is not None:
         pivots = pivots & cand
 
     def group(rows, b):
-        q_idx = None if bool(valid[b].all()) else torch.nonzero(valid[b]).flatten()
-        c_idx = None if bool(cand[b].all()) else torch.nonzero(cand[b]).flatten()
+        c_cols = _columns(cand[b])
         piv = None
         if pivots is not None:
-            sel = pivots[b:b + 1] if rows is not None else pivots
-            if c_idx is not None:
-                sel = sel[:, c_idx]
+            sel = pivots if rows is None else pivots[rows]
+            if c_cols is not None:
+                sel = sel[:, c_cols]
             piv = sel if bool(sel.any()) else None
-        return _Group(rows, q_idx, c_idx, keeps[b], piv)
+        return _Group(rows, _columns(valid[b]), c_cols, keeps[b], piv)
 
     uniform = bool((valid == valid[:1]).all()) and bool((cand == cand[:1]).all())
     if uniform:
         groups = [group(None, 0)]
     else:
-        groups = [group(torch.tensor([b], device=valid.device), b) for b in range(batch) if n_cand[b] > 0]
+        groups = [group(slice(b, b + 1), b) for b in range(batch) if n_cand[b] > 0]
         if not groups:
-            groups = [_Group(torch.tensor([0], device=valid.device), None, None, 0, None)]
+            groups = [_Group(slice(0, 1), None, None, 0, None)]
     no_fixed = all(f.numel() == 0 for f in fixed)
     return ChunkPlan(length, slots, groups, None if no_fixed else fixed)
 
@@ -305,24 +329,23 @@ class PivotKVLayer(DynamicLayer):
             batch = k_new.shape[0]
             chosen = [None] * batch
             for g in plan.groups:
-                rows = range(batch) if g.rows is None else g.rows.tolist()
-                n_cand = length if g.cand_idx is None else g.cand_idx.numel()
+                rows = range(batch) if g.rows is None else range(batch)[g.rows]
+                n_cand = _count(g.cand_cols, length)
                 if g.keep == 0:
                     kept = k_new.new_empty(len(rows), 0, dtype=torch.int64)
                 elif g.keep == n_cand:
-                    kept = torch.arange(length, device=k_new.device) if g.cand_idx is None else g.cand_idx
+                    kept = _chunk_index(g.cand_cols, torch.arange(n_cand, device=k_new.device))
                     kept = kept.expand(len(rows), n_cand)
                 else:
                     q, k, v = query, k_new, v_new
                     if g.rows is not None:
                         q, k, v = q[g.rows], k[g.rows], v[g.rows]
-                    if g.query_idx is not None:
-                        q = q[:, :, g.query_idx]
-                    if g.cand_idx is not None:
-                        k, v = k[:, :, g.cand_idx], v[:, :, g.cand_idx]
+                    if g.query_cols is not None:
+                        q = q[:, :, g.query_cols]
+                    if g.cand_cols is not None:
+                        k, v = k[:, :, g.cand_cols], v[:, :, g.cand_cols]
                     _, _, kept = compress(q, k, v, g.pivots, g.keep, False, scale, force)
-                    if g.cand_idx is not None:
-                        kept = g.cand_idx[kept]
+                    kept = _chunk_index(g.cand_cols, kept)
                 for i, b in enumerate(rows):
                     chosen[b] = kept[i]
             for b in range(batch):
