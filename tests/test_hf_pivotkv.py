@@ -80,7 +80,8 @@ def _oracle_attention(base):
         hide = HIDE[module.layer_idx][:, None]  # [B, 1, N, N]: True = evicted before this query
         n = query.shape[-2]
         if attention_mask is None:
-            attention_mask = torch.ones(n, n, dtype=torch.bool).tril().expand(query.shape[0], 1, n, n)
+            attention_mask = torch.ones(n, n, dtype=torch.bool, device=query.device).tril().expand(
+                query.shape[0], 1, n, n)
         if attention_mask.dtype == torch.bool:
             attention_mask = attention_mask & ~hide
         else:
@@ -99,8 +100,8 @@ for _base in IMPLS:
     AttentionMaskInterface.register("pivotkv_oracle_" + _base, ALL_MASK_ATTENTION_FUNCTIONS[_base])
 
 
-def chunk_ends(prefill_len, chunk):
-    j = torch.arange(prefill_len)
+def chunk_ends(prefill_len, chunk, device=None):
+    j = torch.arange(prefill_len, device=device)
     return torch.clamp((j // chunk + 1) * chunk, max=prefill_len)
 
 
@@ -108,11 +109,11 @@ def oracle_forward(model, impl, seq, kept, prefill_len, chunk, **kwargs):
     """Full uncompressed forward of seq [B, N] (or kwargs' inputs_embeds [B, N, hidden]); layer l hides
     the prefill tokens missing from kept[l] from the queries after their chunk."""
     batch, n = seq.shape
-    ends = torch.full((n,), n + 1)
-    ends[:prefill_len] = chunk_ends(prefill_len, chunk)
-    queries = torch.arange(n)
+    ends = torch.full((n,), n + 1, device=seq.device)
+    ends[:prefill_len] = chunk_ends(prefill_len, chunk, seq.device)
+    queries = torch.arange(n, device=seq.device)
     for layer, positions in enumerate(kept):
-        evicted = torch.ones(batch, n, dtype=torch.bool)
+        evicted = torch.ones(batch, n, dtype=torch.bool, device=seq.device)
         evicted[:, prefill_len:] = False
         evicted.scatter_(1, positions, False)
         HIDE[layer] = evicted[:, None, :] & (queries[None, :, None] >= ends[None, None, :])
