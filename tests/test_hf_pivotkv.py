@@ -292,6 +292,25 @@ def test_compress_mask_protects_tokens_and_inputs_embeds(impl):
             assert n_kept == (e - s - n_evictable) + (keep_tokens(n_evictable, ratio) if n_evictable else 0)
 
 
+def test_prefill_in_two_calls_equals_one_call():
+    model = build("qwen2", "sdpa")
+    prefill_len, chunk = 128, 32
+    ids = torch.randint(3, 120, (1, prefill_len), generator=torch.Generator().manual_seed(13))
+    compress = torch.ones(1, prefill_len, dtype=torch.bool)
+    compress[:, 96:] = False
+    pivots = random_pivots(1, prefill_len, 14)
+    one = PivotKVCache(keep_ratio=0.25)
+    want = chunked_prefill(model, ids, cache=one, chunk_size=chunk, compress_mask=compress, pivot_mask=pivots)
+    two = PivotKVCache(keep_ratio=0.25)
+    chunked_prefill(model, ids[:, :64], cache=two, chunk_size=chunk, compress_mask=compress[:, :64],
+                    pivot_mask=pivots[:, :64])
+    got = chunked_prefill(model, ids[:, 64:], cache=two, chunk_size=chunk, compress_mask=compress[:, 64:],
+                          pivot_mask=pivots[:, 64:], attention_mask=torch.ones(1, prefill_len, dtype=torch.long))
+    assert torch.equal(got, want)
+    for layer in range(n_layers(model)):
+        assert torch.equal(two.kept_positions(layer), one.kept_positions(layer))
+
+
 # ---------------------------------------------------------------------------------------
 # Batches with left padding.
 # ---------------------------------------------------------------------------------------
