@@ -1,5 +1,5 @@
 """Every Python example in README.md runs as written (the frame-selection example gets a
-tiny random CLIP for its `clip_model` / `clip_processor`)."""
+tiny random CLIP for its `clip_model` / `clip_processor`), in order, in one namespace."""
 import pathlib
 import re
 
@@ -25,6 +25,8 @@ def test_readme_examples_run(tmp_path):
         exec(compile(block, str(README), "exec"), namespace)
     assert namespace["idx"].shape == (2, 60) and namespace["keyframes"].dim() == 1
     assert namespace["k2"].shape == (1, 4, 128, 128) and namespace["keep_idx"].shape == (1, 128)
-    assert namespace["pivots"][0, namespace["keep_idx"][0]].sum() == 16  # every pivot kept
+    assert namespace["pivot_mask"][0, namespace["keep_idx"][0]].sum() == 16  # every pivot kept
     assert len(namespace["sel"].indices) == 16 and namespace["sel"].frames.shape == (16, 224, 224, 3)
     assert torch.equal(namespace["sel"].indices, namespace["sel"].indices.sort().values)
+    # generate() fed the last prompt token and 15 of its 16 new ones through the compressed cache
+    assert namespace["out"].shape == (1, 1025 + 16) and namespace["cache"].get_seq_length() == 1025 + 15

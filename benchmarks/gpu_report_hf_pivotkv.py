@@ -1,0 +1,157 @@
+"""GPU report section: PivotKV prefill of a Qwen2-VL-7B-sized language model.
+
+Model: Qwen2VLTextModel with Qwen2-VL-7B's language-model shape (28 layers, hidden 3584,
+28 query / 4 KV heads of 128, MLP 18944, mRoPE), random weights, bf16, sdpa. Prompt of
+32768 random token ids, prefilled in chunks of 8192:
+  uncompressed  the same chunks through a DynamicCache (the anchor)
+  pivotkv       retake_ops.hf.chunked_prefill, keep_ratio 0.25 (the last chunk stays whole)
+Figures: prefill time of each, the time spent in the eviction step (CUDA events around
+PivotKVLayer._evict in a separate run) and its share of the PivotKV prefill (target <= 5%),
+peak extra memory of each against the uncompressed KV cache bytes (nothing O(L^2):
+the ratio stays O(1)), and the model FLOP rate against ctx.matmul_tflops, counting
+2 * (non-embedding parameters) per token plus 4 * Hq * D * q * kv per chunk of attention.
+ctx.small: 2 layers, hidden 64, a 256-token prompt in chunks of 64, so it smoke-runs on CPU.
+"""
+import time
+
+import torch
+from transformers import DynamicCache
+from transformers.models.qwen2_vl.configuration_qwen2_vl import Qwen2VLTextConfig
+from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VLTextModel
+
+import retake_ops
+from retake_ops.hf import PivotKVCache, chunked_prefill
+from retake_ops.hf import cache as cache_module
+
+KEEP = 0.25
+
+
+def _shape(small):
+    if small:
+        return dict(layers=2, hidden=64, heads=4, kv_heads=2, head_dim=16, mlp=128, vocab=1024,
+                    mrope=[2, 3, 3], prompt=256, chunk=64)
+    return dict(layers=28, hidden=3584, heads=28, kv_heads=4, head_dim=128, mlp=18944, vocab=152064,
+                mrope=[16, 24, 24], prompt=32768, chunk=8192)
+
+
+def _model(s, device):
+    config = Qwen2VLTextConfig(
+        hidden_size=s["hidden"], intermediate_size=s["mlp"], num_hidden_layers=s["layers"],
+        num_attention_heads=s["heads"], num_key_value_heads=s["kv_heads"], vocab_size=s["vocab"],
+        max_position_embeddings=2 * s["prompt"], attn_implementation="sdpa",
+        rope_parameters={"rope_type": "default", "mrope_section": s["mrope"], "rope_theta": 1000000.0})
+    dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            torch.manual_seed(0)
+            model = Qwen2VLTextModel(config).eval()
+    finally:
+        torch.set_default_dtype(previous)
+    return model
+
+
+def _uncompressed(model, ids, chunk):
+    cache = DynamicCache()
+    with torch.no_grad():
+        for start in range(0, ids.shape[1], chunk):
+            model(ids[:, start:start + chunk], past_key_values=cache, use_cache=True)
+    return cache
+
+
+def _pivotkv(model, ids, chunk):
+    cache = PivotKVCache(keep_ratio=KEEP)
+    chunked_prefill(model, ids, cache=cache, chunk_size=chunk)
+    return cache
+
+
+def _eviction_ms(ctx, model, ids, chunk):
+    """Milliseconds inside the eviction step during one PivotKV prefill (after a warm-up run)."""
+    cuda = ctx.device.type == "cuda"
+    spans = []
+    evict = cache_module.PivotKVLayer._evict
+
+    def timed(self, *args):
+        if cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            evict(self, *args)
+            end.record()
+            spans.append((start, end))
+        else:
+            t0 = time.perf_counter()
+            evict(self, *args)
+            spans.append((time.perf_counter() - t0) * 1e3)
+
+    cache_module.PivotKVLayer._evict = timed
+    try:
+        _pivotkv(model, ids, chunk)
+        spans.clear()
+        _pivotkv(model, ids, chunk)
+        if cuda:
+            torch.cuda.synchronize()
+            return sum(s.elapsed_time(e) for s, e in spans)
+        return sum(spans)
+    finally:
+        cache_module.PivotKVLayer._evict = evict
+
+
+def _flops(s, params, kept_per_chunk):
+    """Model FLOPs of a chunked prefill; kept_per_chunk: tokens each earlier chunk leaves in the cache."""
+    L, C = s["prompt"], s["chunk"]
+    attn, held = 0, 0
+    for start in range(0, L, C):
+        q = min(C, L - start)
+        attn += 4 * s["heads"] * s["head_dim"] * q * (held + q) * s["layers"]
+        held += kept_per_chunk(q, start + q == L)
+    return 2 * params * L + attn
+
+
+def run(ctx) -> dict:
+    s = _shape(ctx.small)
+    model = _model(s, ctx.device)
+    params = sum(p.numel() for name, p in model.named_parameters() if "embed_tokens" not in name)
+    ids = torch.randint(0, s["vocab"], (1, s["prompt"]), generator=torch.Generator().manual_seed(1)).to(ctx.device)
+    chunk = s["chunk"]
+
+    full_ms = ctx.bench(lambda: _uncompressed(model, ids, chunk))
+    full_peak = ctx.peak_memory(lambda: _uncompressed(model, ids, chunk))
+    full_cache = _uncompressed(model, ids, chunk)
+    kv_bytes = sum(layer.keys.nbytes + layer.values.nbytes for layer in full_cache.layers)
+    del full_cache
+
+    pivot_ms = ctx.bench(lambda: _pivotkv(model, ids, chunk))
+    evict_ms = _eviction_ms(ctx, model, ids, chunk)
+    pivot_peak = ctx.peak_memory(lambda: _pivotkv(model, ids, chunk))
+    pivot_cache = _pivotkv(model, ids, chunk)
+    held_bytes = sum(layer.keys.nbytes + layer.values.nbytes for layer in pivot_cache.layers)
+    del pivot_cache
+
+    full_flops = _flops(s, params, lambda q, last: q)
+    pivot_flops = _flops(s, params, lambda q, last: q if last else retake_ops.keep_tokens(q, KEEP))
+    share = evict_ms / pivot_ms
+    return {
+        "shape": dict(s, dtype="float32" if ctx.device.type == "cpu" else "bfloat16", keep_ratio=KEEP),
+        "uncompressed_prefill": {
+            "ms": full_ms, "ratio_to_anchor": 1.0, "anchor": "itself",
+            "tflops": full_flops / (full_ms * 1e-3) / 1e12,
+            "fraction_of_matmul_tflops": full_flops / (full_ms * 1e-3) / 1e12 / ctx.matmul_tflops,
+        },
+        "pivotkv_prefill": {
+            "ms": pivot_ms, "ratio_to_anchor": pivot_ms / full_ms, "anchor": "uncompressed_prefill",
+            "tflops": pivot_flops / (pivot_ms * 1e-3) / 1e12,
+            "fraction_of_matmul_tflops": pivot_flops / (pivot_ms * 1e-3) / 1e12 / ctx.matmul_tflops,
+        },
+        "compression": {
+            "ms": evict_ms, "share_of_pivotkv_prefill": share, "ratio_to_ceiling": share / 0.05,
+            "ceiling": "5% of the PivotKV prefill (DESIGN.md target)",
+        },
+        "peak_memory": {
+            "uncompressed_bytes": full_peak, "pivotkv_bytes": pivot_peak,
+            "ratio_to_anchor": None if not full_peak or pivot_peak is None else pivot_peak / full_peak,
+            "kv_cache_bytes_uncompressed": kv_bytes, "kv_cache_bytes_pivotkv": held_bytes,
+            "pivotkv_peak_over_uncompressed_kv_bytes": None if pivot_peak is None else pivot_peak / kv_bytes,
+            "attention_matrix_bytes_if_materialized": 4 * s["heads"] * chunk * s["prompt"],
+        },
+    }
