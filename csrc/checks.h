@@ -50,6 +50,9 @@ inline void check_window(const char* op, int64_t window) {
 inline void check_feats(const char* op, const at::Tensor& feats) {
   check_rank(op, "feats", feats, 4, "[B, T, N, C]");
   check_float(op, "feats", feats);
+  // The patch mean (sync) of zero patches has no value.
+  TORCH_CHECK_VALUE(feats.size(2) >= 1, op, ": feats must have at least one patch (N >= 1), got shape ",
+                    shape_str(feats));
 }
 
 inline void check_local_peaks_args(const at::Tensor& dist, int64_t window) {

@@ -173,6 +173,11 @@ def test_rejects_bad_window(window):
         select(make_feats(1, 5, 1, 4), 2, window)
 
 
+def test_rejects_zero_patches():
+    with pytest.raises(ValueError, match=r"dpselect: feats must have at least one patch \(N >= 1\)"):
+        select(torch.zeros(2, 3, 0, 4), 1)
+
+
 def test_rejects_wrong_rank_and_dtype():
     with pytest.raises(ValueError, match=r"dpselect: feats must be a 4-D tensor \[B, T, N, C\], got shape \[5, 4\]"):
         select(torch.randn(5, 4), 2)

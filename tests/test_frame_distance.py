@@ -92,6 +92,11 @@ def test_rejects_wrong_rank(shape, msg):
         retake_ops.frame_distance(torch.randn(shape))
 
 
+def test_rejects_zero_patches():
+    with pytest.raises(ValueError, match=r"frame_distance: feats must have at least one patch \(N >= 1\), got shape \[1, 3, 0, 4\]"):
+        retake_ops.frame_distance(torch.zeros(1, 3, 0, 4))
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.int32])
 def test_rejects_wrong_dtype(dtype):
     with pytest.raises(ValueError, match=rf"frame_distance: feats must be float16, bfloat16 or float32, got {dtype}"):

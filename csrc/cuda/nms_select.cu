@@ -69,7 +69,7 @@ __global__ void __launch_bounds__(kThreads) nms_select_kernel(const T* __restric
   int64_t* picks = out + b * k;
 
   int nan_seen = 0;
-  for (int j = threadIdx.x; j < N; j += kThreads) {
+  for (long long j = threadIdx.x; j < N; j += kThreads) {
     nan_seen |= isnan(to_float(row[j]));
     st[j] = kFree;
   }
@@ -80,11 +80,11 @@ __global__ void __launch_bounds__(kThreads) nms_select_kernel(const T* __restric
 
   for (int n = 0; n < k; ++n) {
     unsigned long long nms = kNone, rest = kNone;
-    for (int j = threadIdx.x; j < N; j += kThreads) {
+    for (long long j = threadIdx.x; j < N; j += kThreads) {
       const uint8_t s = st[j];
       if (s == kTaken) continue;
       const float v = to_float(row[j]);
-      const unsigned long long key = rank_key(v, j);
+      const unsigned long long key = rank_key(v, static_cast<int>(j));
       rest = key < rest ? key : rest;
       if (s == kFree && v != -INFINITY) nms = key < nms ? key : nms;
     }

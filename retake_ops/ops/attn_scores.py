@@ -180,6 +180,7 @@ if triton is not None:
     def _attn_scores_cuda(q: Tensor, k: Tensor, scale: float | None = None,
                           causal: bool = False) -> Tensor:
         check_attn_scores(q, k, scale)
-        return attn_scores_triton(q, k, scale, causal)
+        with torch.cuda.device(q.device):  # Triton launches on the current device
+            return attn_scores_triton(q, k, scale, causal)
 
     register_cuda(OP, attn_scores, _attn_scores_cuda)

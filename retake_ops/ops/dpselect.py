@@ -16,7 +16,7 @@ MAX_FRAMES = 1 << 30  # the CUDA ranking packs the frame index into 30 bits of a
 
 
 def check_dpselect(feats: Tensor, num_frames: int, window: int) -> None:
-    check_frame_distance(feats)
+    check_frame_distance(feats, OP)
     T = feats.shape[1]
     if T > MAX_FRAMES:
         raise ValueError(f"{OP}: feats has T={T} frames, at most {MAX_FRAMES} are supported")

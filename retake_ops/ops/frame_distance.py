@@ -8,14 +8,16 @@ import torch
 from torch import Tensor
 
 from .. import ref
-from ._checks import check_float, check_rank
+from ._checks import check_float, check_rank, shape_str
 
 OP = "frame_distance"
 
 
-def check_frame_distance(feats: Tensor) -> None:
-    check_rank(OP, "feats", feats, 4, "[B, T, N, C]")
-    check_float(OP, "feats", feats)
+def check_frame_distance(feats: Tensor, op: str = OP) -> None:
+    check_rank(op, "feats", feats, 4, "[B, T, N, C]")
+    check_float(op, "feats", feats)
+    if feats.shape[2] < 1:  # the patch mean (sync) of zero patches has no value
+        raise ValueError(f"{op}: feats must have at least one patch (N >= 1), got shape {shape_str(feats)}")
 
 
 @torch.library.custom_op("retake::frame_distance", mutates_args=())

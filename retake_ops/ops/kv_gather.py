@@ -150,12 +150,14 @@ if kv_gather_triton is not None:
     def kv_gather_cuda(k, v, idx, check_bounds=True):
         check_kv_gather(OP, k, v, idx)
         out_k, out_v = _empty_like_gather(k, idx), _empty_like_gather(v, idx)
-        return kv_gather_triton(k, v, idx, out_k, out_v, check_bounds, OP)
+        with torch.cuda.device(k.device):  # Triton launches on the current device
+            return kv_gather_triton(k, v, idx, out_k, out_v, check_bounds, OP)
 
     def kv_gather_out_cuda(k, v, idx, out_k, out_v, check_bounds=True):
         check_kv_gather_out(k, v, idx, out_k, out_v)
         check_no_overlap(OP_OUT, out_k, out_v)
-        kv_gather_triton(k, v, idx, out_k, out_v, check_bounds, OP_OUT)
+        with torch.cuda.device(k.device):
+            kv_gather_triton(k, v, idx, out_k, out_v, check_bounds, OP_OUT)
 
     register_cuda(OP, kv_gather_op, kv_gather_cuda)
     register_cuda(OP_OUT, kv_gather_out, kv_gather_out_cuda)

@@ -66,9 +66,10 @@ def _lse_tiles(q, m_i, l_i, k_base, stride_kn, offs_m, offs_n, offs_d, D, Lk, sh
 def _attn_lse_kernel(Q, K, LSE, stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
                      Hq, G, Lq, Lk, D, shift, qk_scale,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-    # Causal rows of later blocks see more keys: launch those first.
-    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    # Heads on grid axis 0 (up to 2^31 - 1 programs; axis 1 stops at 65535). Causal rows of
+    # later blocks see more keys: launch those first.
+    pid_bh = tl.program_id(0)
+    pid_m = tl.num_programs(1) - 1 - tl.program_id(1)
     b = pid_bh // Hq
     hq = pid_bh % Hq
     hk = hq // G
@@ -119,8 +120,8 @@ def _colsum_tiles(acc, k, q_base, lse_base, stride_qm, offs_n, offs_m, offs_d, D
 def _attn_colsum_kernel(Q, K, LSE, OUT, stride_qb, stride_qh, stride_qm, stride_kb, stride_kh,
                         stride_kn, Hkv, G, heads_per_split, Lq, Lk, D, shift, qk_scale,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-    pid_n = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    pid_bh = tl.program_id(0)  # heads on axis 0, see _attn_lse_kernel
+    pid_n = tl.program_id(1)
     pid_s = tl.program_id(2)
     b = pid_bh // Hkv
     hk = pid_bh % Hkv
@@ -150,7 +151,7 @@ def _attn_colsum_kernel(Q, K, LSE, OUT, stride_qb, stride_qh, stride_qm, stride_
                             shift, qk_scale, m_lo, m_band_end, BLOCK_M, True)
         acc = _colsum_tiles(acc, k, q_base, lse_base, stride_qm, offs_n, offs_m, offs_d, D, Lq,
                             shift, qk_scale, m_band_end, Lq, BLOCK_M, False)
-    out_base = OUT + (pid_s * tl.num_programs(1) + pid_bh).to(tl.int64) * Lk
+    out_base = OUT + (pid_s * tl.num_programs(0) + pid_bh).to(tl.int64) * Lk
     tl.store(out_base + offs_n, tl.sum(acc, 0), mask=offs_n < Lk)
 
 
@@ -227,12 +228,12 @@ def attn_scores_triton(q: torch.Tensor, k: torch.Tensor, scale: float | None = N
     lse = torch.empty((B * Hq, Lq), dtype=torch.float32, device=q.device)
     out = torch.empty((splits, B, Hkv, Lk), dtype=torch.float32, device=q.device)
     qk_scale = scale * LOG2E
-    _attn_lse_kernel[(triton.cdiv(Lq, cfg.lse_m), B * Hq)](
+    _attn_lse_kernel[(B * Hq, triton.cdiv(Lq, cfg.lse_m))](
         q, k, lse, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         Hq, G, Lq, Lk, D, shift, qk_scale,
         BLOCK_M=cfg.lse_m, BLOCK_N=cfg.lse_n, BLOCK_D=cfg.block_d,
         num_warps=cfg.lse_warps, num_stages=cfg.lse_stages)
-    _attn_colsum_kernel[(n_blocks, B * Hkv, splits)](
+    _attn_colsum_kernel[(B * Hkv, n_blocks, splits)](
         q, k, lse, out, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1),
         k.stride(2), Hkv, G, heads_per_split, Lq, Lk, D, shift, qk_scale,
         BLOCK_M=cfg.col_m, BLOCK_N=cfg.col_n, BLOCK_D=cfg.block_d,

@@ -52,3 +52,23 @@ def test_cuda_deterministic_and_memory_bounded():
 
 def test_cuda_build_info():
     assert retake_ops.build_info()["ops"]["attn_scores"]["cuda"] == "Triton"
+
+
+def test_cuda_more_heads_than_a_grid_column():
+    """B * Hq = 65548 programs on one grid axis: more than axis 1 or 2 could take."""
+    q, k = (t.cuda() for t in make_qk(2341, 28, 4, 1, 3, 64, torch.bfloat16))
+    out = torch.ops.retake.attn_scores(q, k, None, False)
+    want = ref.attn_scores(q.double(), k.double(), None, False).float()
+    torch.testing.assert_close(out, want, rtol=RTOL, atol=ATOL)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_cuda_tensors_on_a_non_current_device():
+    q, k = (t.to("cuda:1") for t in make_qk(1, 4, 2, 33, 65, 64, torch.float16))
+    with torch.cuda.device(0):
+        out = torch.ops.retake.attn_scores(q, k, None, True)
+        kept_k, _ = retake_ops.kv_gather(k, k, torch.tensor([[0, 5, 64]], device="cuda:1"))
+    assert out.device == q.device
+    torch.testing.assert_close(out, ref.attn_scores(q.double(), k.double(), None, True).float(),
+                               rtol=RTOL, atol=ATOL)
+    assert torch.equal(kept_k, k[:, :, [0, 5, 64]])
