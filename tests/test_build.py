@@ -40,6 +40,7 @@ def test_falls_back_to_the_reference_without_the_compiled_library(tmp_path):
         assert len(messages) == 1 and "falls back to its pure-PyTorch reference" in messages[0], messages
         info = retake_ops.build_info()
         assert not info["compiled"] and info["ops"]["dpselect"]["cpu"] == "reference", info
+        assert info["ops"]["nms_select"]["cpu"] == info["ops"]["kv_gather"]["cpu"] == "reference", info
         x = torch.randn(2, 30, 3, 16)
         idx, piv = retake_ops.dpselect(x, 7)
         ref_idx, ref_piv = retake_ops.ref.dpselect(x, 7)
@@ -50,6 +51,17 @@ def test_falls_back_to_the_reference_without_the_compiled_library(tmp_path):
             assert "num_frames must be in [0, T=30], got 31" in str(e)
         else:
             raise AssertionError("no error")
+        # Every other op runs through its fallback body too.
+        scores = torch.randn(2, 50)
+        assert torch.equal(retake_ops.nms_select(scores, 6), retake_ops.ref.nms_select(scores, 6))
+        q, k, v = torch.randn(1, 4, 9, 16), torch.randn(1, 2, 9, 16), torch.randn(1, 2, 9, 16)
+        torch.testing.assert_close(retake_ops.attn_scores(q, k), retake_ops.ref.attn_scores(q, k))
+        idx = torch.tensor([[0, 4, 8]])
+        got, want = retake_ops.kv_gather(k, v, idx), retake_ops.ref.kv_gather(k, v, idx)
+        assert all(torch.equal(a, b) for a, b in zip(got, want))
+        got = retake_ops.pivot_kv_compress(q, k, v, None, 3)
+        want = retake_ops.ref.pivot_kv_compress(q, k, v, None, 3)
+        assert torch.equal(got[2], want[2])
         print("fallback ok")
     """)
     # Run outside the checkout so the installed package is imported, as a user would.
