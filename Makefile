@@ -25,8 +25,10 @@ venv: $(VENV)/.deps
 install: venv
 	MAX_JOBS=$(JOBS) $(PIP) install -q --no-build-isolation --no-deps .
 
+# The installed command, not `python -m` from here: the checkout's retake_ops/ would shadow
+# the installed package (no compiled library, no retake_ops.ref).
 demo: install
-	$(PY) -m retake_ops.demo $(ARGS)
+	$(VENV)/bin/retake-ops-demo $(ARGS)
 
 test: install
 	$(VENV)/bin/pytest -q $(PYTEST_ARGS)

@@ -1,8 +1,8 @@
 """The main job: DPSelect keyframes and question-aware frame selection on a video.
 
-    python -m retake_ops.demo                   # synthetic video with hard cuts
-    python -m retake_ops.demo --video clip.mp4  # a real video, decoded with PyAV
-    python -m retake_ops.demo --question "Where is the red scene?" --select 8
+    retake-ops-demo                   # synthetic video with hard cuts (or python -m retake_ops.demo)
+    retake-ops-demo --video clip.mp4  # a real video, decoded with PyAV
+    retake-ops-demo --question "Where is the red scene?" --select 8
 
 DPSelect: frames become features by a fixed random projection of pixel patches (a
 stand-in for a vision encoder), then retake_ops.dpselect keeps `--keep` of the frames,
