@@ -203,5 +203,11 @@ def main(argv=None):
             "selected": [] if selection is None else selection.indices.tolist()}
 
 
-if __name__ == "__main__":
+def cli() -> int:
+    """Entry point of the retake-ops-demo command (main() returns its findings for tests)."""
     main()
+    return 0
+
+
+if __name__ == "__main__":
+    cli()
