@@ -106,6 +106,10 @@ class ChunkPlan:
     slots: int
     groups: list[_Group]
     fixed: list[torch.Tensor] | None  # per row: int64 chunk columns kept without scoring
+    # Position re-forging only (see retake_ops.hf.reforge): int64 [B, C] positions each chunk
+    # token moves down by, and int64 [B] positions the row gives up (n - k).
+    pos_drop: torch.Tensor | None = None
+    shift_step: torch.Tensor | None = None
 
     @property
     def fast(self) -> bool:
@@ -115,8 +119,13 @@ class ChunkPlan:
 
 
 def plan_chunk(valid: torch.Tensor, evictable: torch.Tensor, pivots: torch.Tensor | None,
-               keep_ratio: float) -> ChunkPlan | None:
-    """Plan the eviction of one chunk from bool [B, C] masks; None when nothing is evicted."""
+               keep_ratio: float, reforge: bool = False) -> ChunkPlan | None:
+    """Plan the eviction of one chunk from bool [B, C] masks; None when nothing is evicted.
+
+    With `reforge`, also the layer-independent position moves of re-forging: a real token
+    with e evictable real tokens before it in the chunk moves down by e - floor(e * k / n),
+    where the row keeps k of its n evictable real tokens, and the row gives up n - k.
+    """
     from retake_ops import keep_tokens
 
     batch, length = valid.shape
@@ -155,7 +164,14 @@ def plan_chunk(valid: torch.Tensor, evictable: torch.Tensor, pivots: torch.Tenso
         if not groups:
             groups = [_Group(slice(0, 1), None, None, 0, None)]
     no_fixed = all(f.numel() == 0 for f in fixed)
-    return ChunkPlan(length, slots, groups, None if no_fixed else fixed)
+    plan = ChunkPlan(length, slots, groups, None if no_fixed else fixed)
+    if reforge:
+        n = torch.tensor(n_cand, dtype=torch.int64, device=valid.device)[:, None]
+        k = torch.tensor(keeps, dtype=torch.int64, device=valid.device)[:, None]
+        before = cand.long().cumsum(1) - cand.long()
+        plan.pos_drop = (before - before * k // n.clamp(min=1)).masked_fill(~valid, 0)
+        plan.shift_step = (n - k)[:, 0]
+    return plan
 
 
 class PivotKVLayer(DynamicLayer):
@@ -168,6 +184,10 @@ class PivotKVLayer(DynamicLayer):
         self.cumulative_length = 0
         self.positions: torch.Tensor | None = None
         self.valid: torch.Tensor | None = None
+        # Re-forging only: RoPE positions of the held keys (int64 [B, L_held]) and the
+        # positions given up so far (int64 [B]), subtracted from every later token's.
+        self.rope_positions: torch.Tensor | None = None
+        self.shift: torch.Tensor | None = None
         self.all_valid: bool | None = True  # cached valid.all(); None = unknown (saves a device sync)
         self.n_prev = 0  # held slots before the latest update
         self.hook_seen = False  # the attention function handled the latest update
@@ -180,6 +200,13 @@ class PivotKVLayer(DynamicLayer):
         self.values = value_states.new_empty(batch, value_states.shape[1], 0, value_states.shape[-1])
         self.positions = torch.empty(batch, 0, dtype=torch.int64, device=key_states.device)
         self.valid = torch.empty(batch, 0, dtype=torch.bool, device=key_states.device)
+        if self._reforge:
+            self.rope_positions = self.positions.clone()
+            self.shift = torch.zeros(batch, dtype=torch.int64, device=key_states.device)
+
+    @property
+    def _reforge(self) -> bool:
+        return self.cache is not None and self.cache.reforge_positions
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         if not self.is_initialized:
@@ -191,6 +218,11 @@ class PivotKVLayer(DynamicLayer):
         new_pos = torch.arange(self.cumulative_length, self.cumulative_length + q_len, device=self.positions.device)
         self.positions = torch.cat([self.positions, new_pos.expand(batch, q_len)], dim=1)
         self.valid = torch.cat([self.valid, self.valid.new_ones(batch, q_len)], dim=1)
+        if self.rope_positions is not None:
+            step = self.cache.step_positions
+            if step is None or step.shape[-1] != q_len:
+                step = new_pos - self.shift[:, None]  # called without the decoder's position hook
+            self.rope_positions = torch.cat([self.rope_positions, step.to(new_pos.device).expand(batch, q_len)], 1)
         self.cumulative_length += q_len
         self.hook_seen = False
         self.evicted_chunk = False
@@ -216,7 +248,7 @@ class PivotKVLayer(DynamicLayer):
     def reset(self) -> None:
         super().reset()
         self.cumulative_length = 0
-        self.positions = self.valid = None
+        self.positions = self.valid = self.rope_positions = self.shift = None
         self.all_valid = True
         self.n_prev = 0
 
@@ -241,6 +273,9 @@ class PivotKVLayer(DynamicLayer):
         self.values = self.values[rows, :, :held]
         self.positions = self.positions[rows, :held]
         self.valid = self.valid[rows, :held]
+        if self.rope_positions is not None:
+            self.rope_positions = self.rope_positions[rows, :held]
+            self.shift = self.shift[rows]
         self.all_valid = None
 
     def batch_repeat_interleave(self, repeats: int) -> None:
@@ -249,6 +284,9 @@ class PivotKVLayer(DynamicLayer):
             self.values = self.values.repeat_interleave(repeats, dim=0)
             self.positions = self.positions.repeat_interleave(repeats, dim=0)
             self.valid = self.valid.repeat_interleave(repeats, dim=0)
+            if self.rope_positions is not None:
+                self.rope_positions = self.rope_positions.repeat_interleave(repeats, dim=0)
+                self.shift = self.shift.repeat_interleave(repeats, dim=0)
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         if self.is_initialized:
@@ -357,6 +395,8 @@ class PivotKVLayer(DynamicLayer):
             gather = idx[:, None, :, None]
             k_kept = k_new.gather(2, gather.expand(-1, k_new.shape[1], -1, k_new.shape[-1]))
             v_kept = v_new.gather(2, gather.expand(-1, v_new.shape[1], -1, v_new.shape[-1]))
+        if self.rope_positions is not None:
+            k_kept = self._reforge_kept(plan, idx, k_kept)
         # Compact in place: only the chunk's kept rows are copied, the held past is untouched.
         self.keys[:, :, n_prev:n_prev + slots].copy_(k_kept)
         self.values[:, :, n_prev:n_prev + slots].copy_(v_kept)
@@ -365,6 +405,18 @@ class PivotKVLayer(DynamicLayer):
         self.positions = torch.cat([self.positions[:, :n_prev], self.positions[:, n_prev:].gather(1, idx)], dim=1)
         self.valid = torch.cat([self.valid[:, :n_prev], self.valid[:, n_prev:].gather(1, idx)], dim=1)
         self.all_valid = None
+
+    def _reforge_kept(self, plan: ChunkPlan, idx: torch.Tensor, k_kept: torch.Tensor) -> torch.Tensor:
+        """Re-rotate the chunk's kept keys at their compressed positions (see retake_ops.hf.reforge)."""
+        n_prev = self.n_prev
+        old = self.rope_positions[:, n_prev:].gather(1, idx)
+        drop = plan.pos_drop.to(idx.device).gather(1, idx)
+        new = old - drop
+        moved = self.cache.rope.rerotate(k_kept, old, new)
+        k_kept = torch.where((drop > 0)[:, None, :, None], moved, k_kept)
+        self.rope_positions = torch.cat([self.rope_positions[:, :n_prev], new], dim=1)
+        self.shift = self.shift + plan.shift_step.to(self.shift.device)
+        return k_kept
 
 
 class PivotKVCache(DynamicCache):
@@ -378,13 +430,31 @@ class PivotKVCache(DynamicCache):
         keep_ratio: fraction of each chunk's evictable tokens that stay, in (0, 1];
             `keep_tokens(n, keep_ratio) = max(1, int(keep_ratio * n))` of n.
         force_pivots: pivot tokens always stay (passed to pivot_kv_compress).
+        reforge_positions: position re-forging (ReTaKe's pos_embed_reforge), default off.
+            After a chunk is evicted, its kept keys are un-rotated from their RoPE positions
+            and re-rotated at compressed ones: in a row that keeps k of the chunk's n
+            evictable real tokens, a real token with e evictable real tokens before it in
+            the chunk moves down by e - floor(e * k / n) (the evictable run is scaled by
+            k / n from the chunk's start), and everything after the chunk moves down by
+            n - k. Later calls (generate(), `model(next_ids, past_key_values=cache)`,
+            explicit or attention-mask-derived position_ids) run at their usual positions
+            minus that accumulated shift, per row, so left padding is handled. Rotation uses
+            the model's own rotary_emb (any 1-D rope_type) and rotate_half; multimodal RoPE
+            (Qwen2-VL's mrope_section) is refused. get_seq_length(), masks, sliding windows
+            and kept_positions() stay in original token positions; reforged_positions()
+            gives the RoPE positions of the held keys.
 
     Inference only.
     """
 
-    def __init__(self, keep_ratio: float = 0.25, force_pivots: bool = True):
+    def __init__(self, keep_ratio: float = 0.25, force_pivots: bool = True, reforge_positions: bool = False):
         self.keep_ratio = check_keep_ratio(keep_ratio)
         self.force_pivots = bool(force_pivots)
+        if not isinstance(reforge_positions, bool):
+            raise ValueError(f"PivotKVCache: reforge_positions must be a bool, got {reforge_positions!r}")
+        self.reforge_positions = reforge_positions
+        self.rope = None  # the model's Rope (retake_ops.hf.reforge), set by chunked_prefill when re-forging
+        self.step_positions: torch.Tensor | None = None  # RoPE positions of the running forward
         self.plan: ChunkPlan | None = None
         super().__init__()
         self.layer_class_to_replicate = None
@@ -404,9 +474,26 @@ class PivotKVCache(DynamicCache):
         """Original positions (column in the full input) of the tokens held for a layer, int64 [B, L_held]."""
         return self._layer(layer_idx).positions
 
+    def reforged_positions(self, layer_idx: int) -> torch.Tensor:
+        """RoPE positions of the held keys of a layer after re-forging, int64 [B, L_held].
+
+        Raises ValueError unless the cache was made with reforge_positions=True.
+        """
+        if not self.reforge_positions:
+            raise ValueError("PivotKVCache.reforged_positions: the cache was made with reforge_positions=False; "
+                             "its held keys are at their original positions (kept_positions)")
+        return self._layer(layer_idx).rope_positions
+
+    def position_shift(self) -> torch.Tensor | None:
+        """Re-forging: int64 [B] positions given up so far, subtracted from later tokens'; None when empty."""
+        if not self.layers or not self.layers[0].is_initialized:
+            return None
+        return self.layers[0].shift
+
     def kept_valid(self, layer_idx: int) -> torch.Tensor:
         """bool [B, L_held]: False where the held slot is left padding kept as filler (always masked)."""
         return self._layer(layer_idx).valid
 
     def __repr__(self):
-        return f"PivotKVCache(keep_ratio={self.keep_ratio}, force_pivots={self.force_pivots}, layers={len(self.layers)})"
+        return (f"PivotKVCache(keep_ratio={self.keep_ratio}, force_pivots={self.force_pivots}, "
+                f"reforge_positions={self.reforge_positions}, layers={len(self.layers)})")

@@ -7,6 +7,7 @@ import torch
 
 from .attention import enable_pivotkv_attention
 from .cache import PivotKVCache, plan_chunk
+from .reforge import enable_reforge
 
 
 def _mask_arg(name: str, mask, batch: int, length: int, device) -> torch.Tensor | None:
@@ -44,7 +45,8 @@ def chunked_prefill(model, input_ids=None, *, inputs_embeds=None, cache: PivotKV
         attention_mask: [B, past + L] (1/True = real token), e.g. left padding for batches.
             When given and position_ids is not, positions follow generate(): cumsum - 1.
         position_ids: positions of the L tokens, sliced along the last dim per chunk
-            (e.g. [3, B, L] mRoPE positions); by default the model derives them.
+            (e.g. [3, B, L] mRoPE positions); by default the model derives them. With
+            cache.reforge_positions they are original positions, shifted by the cache.
         **model_kwargs: passed to every forward call.
 
     Returns:
@@ -85,13 +87,16 @@ def chunked_prefill(model, input_ids=None, *, inputs_embeds=None, cache: PivotKV
         else attention_mask.bool()
 
     enable_pivotkv_attention(model)
+    if cache.reforge_positions:
+        cache.rope = enable_reforge(model)
     if "logits_to_keep" in inspect.signature(model.forward).parameters:
         model_kwargs.setdefault("logits_to_keep", 1)
     out = None
     for start in range(0, length, chunk_size):
         end = min(start + chunk_size, length)
         plan = plan_chunk(valid[:, past + start:past + end], compress_mask[:, start:end],
-                          None if pivot_mask is None else pivot_mask[:, start:end], cache.keep_ratio)
+                          None if pivot_mask is None else pivot_mask[:, start:end], cache.keep_ratio,
+                          reforge=cache.reforge_positions)
         kwargs = dict(model_kwargs)
         if input_ids is not None:
             kwargs["input_ids"] = input_ids[:, start:end]
