@@ -58,9 +58,9 @@ def _no_grad():
         yield
 
 
-def build(arch, impl, seed=0):
+def build(arch, impl, seed=0, builders=None):
     torch.manual_seed(seed)
-    model = BUILDERS[arch](impl).eval()
+    model = (builders or BUILDERS)[arch](impl).eval()
     model.generation_config.eos_token_id = None  # fixed-length greedy runs
     return model
 

@@ -19,7 +19,9 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from retake_ops.hf import PivotKVCache, chunked_prefill
 from retake_ops.hf.reforge import model_rope
+from test_hf_pivotkv import _no_grad  # noqa: F401  (autouse fixture: every test runs without grad)
 from test_hf_pivotkv import COMMON, _qwen2_vl, generate_positions, keep_tokens, random_pivots
+from test_hf_pivotkv import build as build_model
 
 TOL = 1e-4
 ROPES = {
@@ -39,17 +41,8 @@ BUILDERS = {
 IMPLS = ["eager", "sdpa"]
 
 
-@pytest.fixture(autouse=True)
-def _no_grad():
-    with torch.no_grad():
-        yield
-
-
 def build(arch, impl, seed=0):
-    torch.manual_seed(seed)
-    model = BUILDERS[arch](impl).eval()
-    model.generation_config.eos_token_id = None
-    return model
+    return build_model(arch, impl, seed, BUILDERS)
 
 
 # ---------------------------------------------------------------------------------------
