@@ -59,6 +59,21 @@ def cache_arg(model, cache) -> dict:
     return {cache_kwarg(model.forward): cache}
 
 
+def patched_forward_signature(forward) -> inspect.Signature:
+    """The signature a patched VideoLLM forward shows: the original's without `mm_encoder_outputs`,
+    so that generate() (5.24 and newer) hands it raw pixel_values_videos and video_grid_thw instead of
+    running the vision tower itself and dropping the grid."""
+    signature = inspect.signature(forward)
+    return signature.replace(parameters=[p for name, p in signature.parameters.items()
+                                         if name != "mm_encoder_outputs"])
+
+
+def per_video(features, sizes: list[int]) -> list[torch.Tensor]:
+    """A vision tower's per-token output as one tensor per video: 5.24 splits it, 5.17 (Qwen3-VL's
+    deepstack features) returns it whole."""
+    return list(torch.split(features, sizes)) if isinstance(features, torch.Tensor) else list(features)
+
+
 def decoder(model):
     """The module that runs the decoder layers (it owns rotary_emb and the layers)."""
     return model.get_decoder() if hasattr(model, "get_decoder") else model

@@ -90,13 +90,14 @@ def _decoder_hook(module, args, kwargs):
     if cache.position_shift is None and cache.rope is None:
         return args, kwargs
     positions = kwargs.get("position_ids")
+    shift = cache.position_shift
     if positions is None:
         positions = _default_positions(kwargs, args, cache)
-    if cache.position_shift is not None:
+        shift = shift if cache.length_shift is None else cache.length_shift
+    if shift is not None:
         rows = _compat.mrope_rows(positions)
-        shift = cache.position_shift.to(positions.device)[:, None]
         positions = positions.clone()
-        positions[rows] = positions[rows] - shift
+        positions[rows] = positions[rows] - shift.to(positions.device)[:, None]
     kwargs["position_ids"] = positions
     if cache.rope is not None:
         if cache.rope.components == 1 and positions.dim() != 2:

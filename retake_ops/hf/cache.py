@@ -318,7 +318,10 @@ class PivotKVCache(DynamicCache):
         self.reforge_positions = reforge_positions
         self.pivot_overflow = check_pivot_overflow(pivot_overflow)
         self.rope = None  # the model's Rope (retake_ops.hf.reforge), set when re-forging
-        self.position_shift: torch.Tensor | None = None  # int64 [B]: later tokens run this much earlier
+        # int64 [B]: later tokens run this much earlier than the positions they are given, and than the
+        # positions a decoder derives from the sequence length (length_shift, when it differs).
+        self.position_shift: torch.Tensor | None = None
+        self.length_shift: torch.Tensor | None = None
         self.reserved = 0  # slots a planned prefill asked every layer to allocate up front
         self.prefilling = False  # inside chunked_prefill / a ReTaKe prefill
         self.planned = False  # a planned prefill has filled this cache
@@ -379,20 +382,24 @@ class PivotKVCache(DynamicCache):
             self.position_shift = torch.zeros(batch, dtype=torch.int64, device=device)
         return self.position_shift
 
+    def _shift_rows(self, index: torch.Tensor) -> None:
+        for name in ("position_shift", "length_shift"):
+            shift = getattr(self, name)
+            if shift is not None:
+                setattr(self, name, shift[index.to(shift.device)])
+
     def batch_repeat_interleave(self, repeats: int) -> None:
         super().batch_repeat_interleave(repeats)
         if self.position_shift is not None:
-            self.position_shift = self.position_shift.repeat_interleave(repeats)
+            self._shift_rows(torch.arange(self.position_shift.shape[0]).repeat_interleave(repeats))
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         super().batch_select_indices(indices)
-        if self.position_shift is not None:
-            self.position_shift = self.position_shift[indices.to(self.position_shift.device)]
+        self._shift_rows(indices)
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         super().reorder_cache(beam_idx)
-        if self.position_shift is not None:
-            self.position_shift = self.position_shift[beam_idx.to(self.position_shift.device)]
+        self._shift_rows(beam_idx)
 
     def __repr__(self):
         return (f"PivotKVCache(keep_ratio={self.keep_ratio}, force_pivots={self.force_pivots}, "

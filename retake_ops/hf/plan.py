@@ -137,9 +137,9 @@ def _to(cols: Columns, device) -> Columns:
     return cols if isinstance(cols, slice) else cols.to(device)
 
 
-def overflow_message(events: list[tuple[int, int, int, int]], policy: str) -> str:
-    """One message for the (step, row, pivots, budget) events of a prefill."""
-    shown = ", ".join(f"chunk {s} row {b}: {p} pivots for {k} kept" for s, b, p, k in events[:4])
+def overflow_message(events: list[tuple[str, int, int, int]], policy: str) -> str:
+    """One message for the (chunk name, row, pivots, budget) events of a prefill."""
+    shown = ", ".join(f"{c} row {b}: {p} pivots for {k} kept" for c, b, p, k in events[:4])
     more = f" and {len(events) - 4} more" if len(events) > 4 else ""
     action = {"evict": "the best-scored pivots were kept and the others evicted",
               "keep": "every pivot was kept, so those rows hold more than their budget"}[policy]

@@ -15,21 +15,22 @@ from .reforge import model_rope
 
 
 def run_planned(model, cache: PivotKVCache, plans: list[StepPlan], step_inputs, call, *, progress: bool = False,
-                desc: str = "prefill"):
-    """Run one forward per plan: step_inputs(i) gives forward i's keyword arguments, call(**kwargs)
+                desc: str = "prefill", names: list[str] | None = None):
+    """Run one forward per plan: step_inputs(i) gives forward i's keyword arguments, call(i, kwargs)
     runs it. Switches the model's attention to PivotKV (it stays switched), reserves the cache's
     storage for the whole prefill, warns (or raises, with pivot_overflow="raise") about pivots
     that outnumber a budget, and checks that every layer went through the PivotKV attention.
-    Returns the last forward's output."""
-    events = [(i, *e) for i, plan in enumerate(plans) for e in plan.overflow]
+    names[i] names forward i in messages (default "chunk i"). Returns the last forward's output."""
+    names = names or [f"chunk {i}" for i in range(len(plans))]
+    events = [(names[i], *e) for i, plan in enumerate(plans) for e in plan.overflow]
     if events:
         message = overflow_message(events, cache.pivot_overflow) if cache.pivot_overflow != "raise" else None
         if message is None:
             first = events[0]
-            raise ValueError(f"PivotKV: pivot tokens outnumber the keep budget (chunk {first[0]} row {first[1]}: "
+            raise ValueError(f"PivotKV: pivot tokens outnumber the keep budget ({first[0]} row {first[1]}: "
                              f"{first[2]} pivots for {first[3]} kept; {len(events)} chunk row(s) in all) and "
                              "pivot_overflow='raise'")
-        warnings.warn(message, UserWarning, stacklevel=3)
+        warnings.warn(message, UserWarning, stacklevel=2)
     enable_pivotkv_attention(model)
     if cache.reforge_positions and cache.rope is None:
         cache.rope = model_rope(model)
@@ -40,12 +41,14 @@ def run_planned(model, cache: PivotKVCache, plans: list[StepPlan], step_inputs, 
         for i, plan in enumerate(tqdm(plans, desc=desc, unit="chunk", disable=not progress)):
             kwargs = step_inputs(i)
             kwargs[STEP_KWARG] = Step(cache, plan)
-            out = call(**kwargs)
+            out = call(i, kwargs)
             _check_layers_reached(model, cache, i)
             ev = plan.evict
             if ev is not None and ev.pos_drop is not None:
                 shift = cache.shift_for(ev.keep.shape[0], ev.keep.device)
                 cache.position_shift = shift + (ev.n_cand - ev.keep).to(shift.device)
+                if cache.length_shift is not None:
+                    cache.length_shift = cache.length_shift + (ev.n_cand - ev.keep).to(shift.device)
     finally:
         cache.prefilling = False
     return out
@@ -177,7 +180,7 @@ def chunked_prefill(model, input_ids=None, *, inputs_embeds=None, cache: PivotKV
             kwargs["position_ids"] = position_ids[..., s:e]
         return kwargs
 
-    out = run_planned(model, cache, plans, step_inputs, model, progress=progress)
+    out = run_planned(model, cache, plans, step_inputs, lambda i, kwargs: model(**kwargs), progress=progress)
     if getattr(out, "logits", None) is not None:
         return out.logits[:, -1]
     return out.last_hidden_state[:, -1]
