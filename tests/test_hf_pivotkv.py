@@ -579,3 +579,19 @@ def test_pivots_outnumbering_the_budget(policy):
 def test_pivot_overflow_policy_is_validated():
     with pytest.raises(ValueError, match=r"pivot_overflow must be one of \['evict', 'keep', 'raise'\], got 'drop'"):
         PivotKVCache(pivot_overflow="drop")
+
+
+def test_vision_inputs_are_rejected_with_a_pointer_to_apply_retake():
+    model = build("qwen2_vl", "sdpa")
+    with pytest.raises(ValueError, match=r"got \['pixel_values_videos'\].*use retake_ops.hf.apply_retake"):
+        chunked_prefill(model, torch.ones(1, 8, dtype=torch.long), cache=PivotKVCache(), chunk_size=4,
+                        pixel_values_videos=torch.zeros(4, 24))
+
+
+def test_generate_with_its_own_prefill_chunks_warns_that_nothing_is_evicted():
+    model = build("llama", "sdpa")
+    ids = torch.randint(3, 120, (1, 40), generator=torch.Generator().manual_seed(25))
+    cache = PivotKVCache(keep_ratio=0.25)
+    with pytest.warns(UserWarning, match=r"outside a chunked prefill, so nothing was evicted"):
+        model.generate(input_ids=ids, **cache_arg(model, cache), max_new_tokens=2, do_sample=False,
+                       prefill_chunk_size=16)

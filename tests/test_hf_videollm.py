@@ -513,3 +513,97 @@ def test_config_ratio_and_budget_are_exclusive():
     with pytest.raises(ValueError, match=r"unknown RetakeConfig field\(s\) \['keep'\]"):
         apply_retake(build("qwen2_vl"), keep=0.5)
     assert RetakeConfig().kv_ratio(100) == 0.25 and RetakeConfig(max_kv_tokens=50).kv_ratio(200) == 0.25
+
+
+# ---------------------------------------------------------------------------------------
+# Position re-forging.
+# ---------------------------------------------------------------------------------------
+@pytest.mark.filterwarnings("ignore:PivotKV. pivot tokens outnumber")
+@pytest.mark.parametrize("impl", IMPLS)
+def test_mrope_reforging_equals_an_oracle_that_rotates_the_kept_keys(impl):
+    """Qwen2-VL: after each video chunk, each layer's kept video keys move to temporal position
+    t0 + (t - t0) * k // n (t0 the smallest kept, k of n kept), rotated here by hand with the model's own
+    rotary embedding in an uncompressed chunked run that hides the evicted keys."""
+    from transformers import DynamicCache
+
+    model = build("qwen2_vl", impl)
+    _, inputs = case("qwen2_vl", 1)
+    config = RetakeConfig(kv_keep_ratio=0.5, chunk_frames=4, reforge_positions=True)
+    with apply_retake(model, config) as handle:
+        out = model(**inputs)
+        cache = out["cache"] if "cache" in out else out["past_key_values"]
+        nxt = out.logits[:, -1:].argmax(-1)
+        step = model(input_ids=nxt, **cache_arg(model, cache)).logits[:, -1]
+    report = handle.report
+
+    lm = model.model.language_model
+    modeling = sys.modules[type(lm.rotary_emb).__module__]
+    ids = inputs["input_ids"]
+    n = ids.shape[1]
+    video = torch.nonzero(ids[0] == VIDEO).flatten()
+    feats = model.get_video_features(inputs["pixel_values_videos"], inputs["video_grid_thw"],
+                                     return_dict=True).pooler_output[0]
+    embeds = lm.embed_tokens(ids)
+    embeds[0, video] = feats
+    positions, deltas = model.model.get_rope_index(ids, mm_token_type_ids=(ids == VIDEO).int() * 2,
+                                                   video_grid_thw=inputs["video_grid_thw"])
+    chunk_tokens = 2 * tokens_per_frame("qwen2_vl")
+    chunks = [video[i:i + chunk_tokens] for i in range(0, video.numel(), chunk_tokens)]
+    bounds = [(0, int(video[0]))] + [(int(c[0]), int(c[-1]) + 1) for c in chunks] + [(int(video[-1]) + 1, n)]
+    ends = torch.full((n + 1,), n + 2)
+    for c in chunks:
+        ends[c] = int(c[-1])
+    queries = torch.arange(n + 1)
+    kept = [set(p[0].tolist()) for p in report.positions]
+    for layer in range(len(kept)):
+        evicted = torch.tensor([int(c) in set(video.tolist()) - kept[layer] for c in range(n + 1)])
+        HIDE[layer] = (evicted[None, :] & (queries[:, None] > ends[None, :]))[None]
+    text = model.config.get_text_config(decoder=True)
+    previous, text._attn_implementation = text._attn_implementation, "videollm_oracle_" + impl
+    oracle = DynamicCache()
+    try:
+        for s, e in bounds:
+            want = model(inputs_embeds=embeds[:, s:e], position_ids=positions[..., s:e],
+                         **cache_arg(model, oracle)).logits[:, -1]
+            chunk = next((c for c in chunks if int(c[0]) == s), None)
+            if chunk is None:
+                continue
+            for layer, held in enumerate(kept):
+                cols = torch.tensor([c for c in chunk.tolist() if c in held])
+                old = positions[:, :, cols]
+                t0 = int(old[0].min())
+                new = old.clone()
+                new[0] = t0 + (old[0] - t0) * cols.numel() // chunk.numel()
+                keys = oracle.layers[layer].keys
+                cos, sin = lm.rotary_emb(keys, new - old)
+                keys[:, :, cols] = modeling.apply_rotary_pos_emb(keys[:, :, cols], keys[:, :, cols], cos, sin)[1]
+        model.model.rope_deltas = deltas
+        want_step = model(input_ids=nxt, **cache_arg(model, oracle)).logits[:, -1]
+    finally:
+        text._attn_implementation = previous
+    torch.testing.assert_close(out.logits[:, -1], want, rtol=0, atol=1e-4)
+    torch.testing.assert_close(step, want_step, rtol=0, atol=1e-4)
+    held = cache.kept_positions(0)[0]
+    prefill = (held >= 0) & (held < n)
+    reforged = cache.reforged_positions(0)[:, 0, prefill]
+    assert reforged.shape[0] == 3 and not torch.equal(reforged, positions[:, 0, held[prefill]])
+    assert torch.equal(reforged[1:], positions[1:, 0, held[prefill]])  # only the temporal axis moves
+
+
+@pytest.mark.filterwarnings("ignore:PivotKV. pivot tokens outnumber")
+def test_one_d_reforging_runs_through_the_llava_pipeline():
+    """LLaVA-OneVision (1-D RoPE): kv_keep_ratio=1 re-forging is the identity; below 1 the later tokens run
+    earlier by what the chunks gave up, so the output differs from the plain PivotKV run."""
+    model = build("llava_onevision", "sdpa")
+    _, inputs = case("llava_onevision", 2)
+    with apply_retake(model, kv_keep_ratio=1.0, chunk_frames=2):
+        plain = generate(model, inputs)
+    with apply_retake(model, kv_keep_ratio=1.0, chunk_frames=2, reforge_positions=True):
+        assert_same_run(generate(model, inputs), plain)
+    with apply_retake(model, kv_keep_ratio=0.5, chunk_frames=2):
+        evicted = generate(model, inputs)
+    with apply_retake(model, kv_keep_ratio=0.5, chunk_frames=2, reforge_positions=True) as handle:
+        reforged = generate(model, inputs)
+    assert (reforged[1] - evicted[1]).abs().max() > 1e-4
+    # 6 frames of 4 tokens in 3 chunks of 2 frames: each chunk keeps 4 of 8, so later tokens run 12 earlier.
+    assert handle.report is not None

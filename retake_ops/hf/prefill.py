@@ -125,6 +125,11 @@ def chunked_prefill(model, input_ids=None, *, inputs_embeds=None, cache: PivotKV
         raise ValueError(f"chunked_prefill: chunk_size must be an int >= 1, got {chunk_size!r}")
     if (input_ids is None) == (inputs_embeds is None):
         raise ValueError("chunked_prefill: pass exactly one of input_ids ([B, L]) and inputs_embeds ([B, L, hidden])")
+    pixels = sorted(k for k in model_kwargs if k.startswith("pixel_values"))
+    if pixels:
+        raise ValueError(f"chunked_prefill: got {pixels}; it feeds token chunks to a decoder and cannot split a "
+                         "vision input. For a VideoLLM use retake_ops.hf.apply_retake(model, ...) and call "
+                         "model.generate(**processor_outputs)")
     tokens = input_ids if input_ids is not None else inputs_embeds
     want_rank = 2 if input_ids is not None else 3
     if tokens.dim() != want_rank or tokens.shape[1] < 1:
