@@ -81,7 +81,7 @@ def test_dry_run_writes_the_summary_after_each_step(tmp_path):
     assert summary["steps"]["env"]["status"] == "passed" and summary["env"]["torch"]
     assert summary["steps"]["kernels"]["status"] == "passed" and summary["kernels"] == []
     assert summary["steps"]["aot"] == {"status": "skipped", "detail": "--skip", "seconds": 0.0}
-    assert (tmp_path / "env.log").exists()
+    assert "===== env =====" in (tmp_path / "gpu_check.log").read_text()
 
 
 def test_out_of_time_steps_are_skipped(tmp_path):

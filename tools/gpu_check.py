@@ -20,8 +20,9 @@ fails or runs out of time does not stop the next:
   aot        tools/triton_aot.py with this machine's Triton, on all its cores
 
 Everything lands in --out (default benchmarks/results/gpu-check-<UTC time>; a temporary
-folder with --dry-run): one <step>.log per step, written as it is printed, and
-summary.json, rewritten after every step, so a run cut short keeps what it finished. The
+folder with --dry-run): gpu_check.log, every step's output under a header as it is
+printed; summary.json, rewritten after every step; and the report's JSON and plot. A run
+cut short keeps what it finished. The
 run stays within --budget seconds (default 470: 8 minutes less a margin): a step's time
 limit is the smaller of its own and what is left after the time later steps need.
 The steps run in the Python that runs this script (a virtual environment or the system's).
@@ -109,7 +110,7 @@ def step_env(ctx, log, limit):
         run_logged(["nvidia-smi"], log, 15)
     if tools["nvcc"]:
         run_logged(["nvcc", "--version"], log, 15)
-    found = re.findall(r"^\{.*\}$", log.read_text(), re.M)
+    found = re.findall(r"^\{.*\}$", ctx.step_output(log), re.M)
     if found:
         ctx.summary["env"] = json.loads(found[-1])
     return status, detail
@@ -154,7 +155,7 @@ def step_tests(ctx, log, limit):
     else:
         note += " (pytest-xdist missing: one process)"
     status, detail = run_logged(argv, log, limit, ctx.env)
-    tail = [line for line in log.read_text().splitlines() if re.search(r"\b(passed|failed|error)", line)]
+    tail = [line for line in ctx.step_output(log).splitlines() if re.search(r"\b(passed|failed|error)", line)]
     return status, (tail[-1].strip() if tail else detail) + note
 
 
@@ -302,12 +303,17 @@ class Context:
         self.python = args.python
         self.out = pathlib.Path(args.out)
         self.cache = pathlib.Path(tempfile.mkdtemp(prefix="retake-gpu-check-triton-"))
+        self.log_start = 0
         # One fresh Triton cache for every step: the kernels step reads what the JIT compiled.
         self.env = dict(os.environ, TRITON_CACHE_DIR=str(self.cache), PYTHONUNBUFFERED="1")
         self.env.pop("TRITON_INTERPRET", None)
         self.summary = {"started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                         "dry_run": self.dry_run, "python": self.python, "host": platform.node(),
                         "out": str(self.out), "steps": {}}
+
+    def step_output(self, log: pathlib.Path) -> str:
+        """What the running step has written to the log so far."""
+        return log.read_bytes()[self.log_start:].decode(errors="replace")
 
     def write(self):
         (self.out / "summary.json").write_text(json.dumps(self.summary, indent=1, default=str) + "\n")
@@ -333,8 +339,8 @@ def main(argv=None) -> int:
     ctx.out.mkdir(parents=True, exist_ok=True)
     deadline = time.monotonic() + args.budget
     failed = False
+    log = ctx.out / "gpu_check.log"
     for i, step in enumerate(STEPS):
-        log = ctx.out / f"{step.name}.log"
         later = sum(s.reserve for s in STEPS[i + 1:] if s.name not in args.skip)
         limit = min(step.limit, deadline - time.monotonic() - later)
         start = time.monotonic()
@@ -344,6 +350,9 @@ def main(argv=None) -> int:
             status, detail = "skipped", "out of time"
         else:
             print(f"gpu_check: {step.name} (up to {limit:.0f}s) ...", flush=True)
+            with open(log, "a") as f:
+                f.write(f"\n===== {step.name} =====\n")
+            ctx.log_start = log.stat().st_size
             try:
                 status, detail = STEP_FUNCTIONS[step.name](ctx, log, limit)
             except Exception as exc:  # one broken step must not cost the others
