@@ -43,8 +43,6 @@ import time
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TOOLS = ROOT / "tools"
-# Kernels of retake_ops in the Triton cache: every @triton.jit function of retake_ops/triton.
-OUR_KERNELS = ("_attn_lse_kernel", "_attn_colsum_kernel", "kv_gather_kernel")
 
 
 class Step:
@@ -259,13 +257,14 @@ def dump_kernels(cache: pathlib.Path, json_path: pathlib.Path) -> int:
     if not os.path.exists(cuobjdump):
         cuobjdump = shutil.which("cuobjdump")
     keys = aot_keys()
+    ours = {key[0] for key in keys}  # every kernel that tools/triton_aot.py compiles
     rows = []
     for meta_path in sorted(cache.glob("*/*.json")) if cache.is_dir() else []:
         if meta_path.name.startswith("__grp__"):
             continue
         meta = json.loads(meta_path.read_text())
         name = meta.get("name")
-        if name not in OUR_KERNELS:
+        if name not in ours:
             continue
         ttir = meta_path.with_suffix(".ttir")
         cubin = meta_path.with_suffix(".cubin")

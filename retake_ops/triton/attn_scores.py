@@ -232,12 +232,14 @@ class BlockConfig:
     d_steps: int = 1  # both passes: head-dim slices per product (1: the resident tile is kept)
 
 
-# Tiles sized from the compiled resources (tools/triton_aot.py prints them), not yet timed
-# on a GPU. 16-bit: pass one as flash-attention's forward (128 rows against 64-key steps);
-# pass two keeps 128 keys resident against 64-row steps; both at two CTAs per SM on sm_90
-# up to D=128, D=256 at 64-row tiles. fp32 (tf32x3 holds two tf32 halves of each operand
-# in registers): 64-row tiles against 32 keys at D=64, 16 keys at D=128, and at D=256 the
-# same with the head dim taken in eight 32-wide slices, reloaded each step.
+# Tiles sized from the compiled resources (tools/triton_aot.py prints them; no spill under
+# Triton 3.6 or 3.9 on sm_80 and sm_90), not yet timed on a GPU. 16-bit: pass one as
+# flash-attention's forward (128 rows against 64-key steps); pass two keeps 128 keys
+# resident against 64-row steps; both at two CTAs per SM on sm_90 up to D=128, D=256 at
+# 64-row tiles. fp32 (tf32x3 holds two tf32 halves of each operand in registers): 64-row
+# tiles against 32 keys at D=64 and 16 keys at D=128; at D=256 the head dim is taken in
+# eight 32-wide slices reloaded each step, and pass one has 32-row tiles (mma.sync, as
+# wgmma needs 64 rows, which spilled there).
 _HALF = {
     64: BlockConfig(64, 128, 64, 4, 3, 128, 64, 4, 3),
     128: BlockConfig(128, 128, 64, 8, 3, 128, 64, 8, 3),
@@ -246,7 +248,7 @@ _HALF = {
 _FP32 = {
     64: BlockConfig(64, 64, 32, 4, 2, 64, 32, 4, 2),
     128: BlockConfig(128, 64, 16, 4, 2, 64, 16, 4, 2),
-    256: BlockConfig(256, 64, 16, 4, 2, 64, 16, 4, 2, d_steps=8),
+    256: BlockConfig(256, 32, 16, 4, 2, 64, 16, 4, 2, d_steps=8),
 }
 # Every configuration the launcher can pick: (dtype, BlockConfig). tools/triton_aot.py
 # compiles each of them for every supported GPU target.
