@@ -140,8 +140,11 @@ def step_tests(ctx, log, limit):
     if not has_module(ctx.python, "pytest"):
         return "skipped", "pytest is not installed"
     argv = [ctx.python, "-m", "pytest", "tests/gpu", "-p", "no:cacheprovider", "-q", "-rfEs"]
+    # python -m puts the checkout first on sys.path, where retake_ops/ lacks retake_ops.ref
+    # and the compiled library unless the install is editable: import the installed package.
+    env = dict(ctx.env, PYTHONSAFEPATH="1")
     if ctx.dry_run:
-        return run_logged(argv + ["--collect-only"], log, limit)
+        return run_logged(argv + ["--collect-only"], log, limit, env)
     note = ""
     if has_module(ctx.python, "pytest_timeout"):
         argv += ["--timeout", "90"]
@@ -152,7 +155,7 @@ def step_tests(ctx, log, limit):
         argv += ["-n", str(min(8, os.cpu_count() or 1))]
     else:
         note += " (pytest-xdist missing: one process)"
-    status, detail = run_logged(argv, log, limit, ctx.env)
+    status, detail = run_logged(argv, log, limit, env)
     tail = [line for line in ctx.step_output(log).splitlines() if re.search(r"\b(passed|failed|error)", line)]
     return status, (tail[-1].strip() if tail else detail) + note
 
