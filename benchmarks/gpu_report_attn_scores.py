@@ -1,6 +1,6 @@
 """GPU report section for retake::attn_scores (run by benchmarks/gpu_report.py).
 
-Shape of DESIGN.md's target: B=1, Hq=28, Hkv=4, D=128, bf16, Lq = Lk = L in {4k, 8k, 16k,
+Shape of the performance target: B=1, Hq=28, Hkv=4, D=128, bf16, Lq = Lk = L in {4k, 8k, 16k,
 32k}, non-causal (causal timings of the op are reported too). Work counted as
 4 * B * Hq * L * L * D flops (the two score products of the two passes), the same count
 as scaled_dot_product_attention on the same shape (QK^T and PV).

@@ -35,7 +35,7 @@ Device limits (NVIDIA's Ampere and Hopper tuning guides): a block may use up to 
 228 KB per SM, with 1 KB reserved per resident block; 64K 32-bit registers per SM, in four
 partitions, allocated per warp in units of 256; at most 2048 threads and 32 blocks per SM.
 
-Usage: python tools/triton_aot.py [--jobs N] [--only SUBSTRING] [--json PATH]
+Usage: python tools/triton_aot.py [--jobs N] [--only SUBSTRING] [--json PATH] [--list]
 """
 import argparse
 import contextlib
