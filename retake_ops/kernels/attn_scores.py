@@ -82,9 +82,9 @@ def attn_scores_cpu(q: Tensor, k: Tensor, scale: float | None = None, causal: bo
             n_end = min(Lk, r1 + shift)  # keys beyond are hidden from every row of the block
             # [P, G * R, D] fp32: a view of q when q is fp32 and the block has whole pairs.
             qb = qg[b0:b1, h0:h1, :, r0:r1].float().flatten(0, 1).flatten(1, 2)
-            acc = out[b0:b1, h0:h1, :n_end].flatten(0, 1)  # a view of out: pairs of one b, or whole rows
+            acc = out[b0:b1, h0:h1, :n_end]  # [Pb, Ph, n_end], a view of out
             if kfull is not None:
-                acc += _one_pass(qb, kfull[:, :n_end], scale, G, r0, shift)
+                acc += _one_pass(qb, kfull[:, :n_end], scale, G, r0, shift).view(acc.shape)
             else:
                 _two_pass(acc, qb, kp[:, :n_end], scale, N, G, r0, shift)
             del qb
@@ -113,8 +113,9 @@ def _one_pass(qb: Tensor, kb: Tensor, scale: float, G: int, r0: int, shift: int)
 
 
 def _two_pass(acc: Tensor, qb: Tensor, kb: Tensor, scale: float, N: int, G: int, r0: int, shift: int) -> None:
-    """Keys in blocks of N: online max/sum per row, then acc[:, j] += sum_i exp(s - lse_i).
-    Each block is freed (del) before the next is allocated, so one block is live at a time."""
+    """Keys in blocks of N: online max/sum per row, then acc[..., j] += sum_i exp(s - lse_i)
+    (acc [Pb, Ph, Lk] holds the P = Pb * Ph pairs of qb). Each block is freed (del) before
+    the next is allocated, so one block is live at a time."""
     P, GR, Lk = qb.shape[0], qb.shape[1], kb.shape[1]
     m = torch.full((P, GR, 1), float("-inf"))
     l = torch.zeros((P, GR, 1))
@@ -131,7 +132,7 @@ def _two_pass(acc: Tensor, qb: Tensor, kb: Tensor, scale: float, N: int, G: int,
         s.sub_(lse).exp_()
         if nan_rows and hidden is not None:  # exp(-inf - NaN) is NaN: a NaN row must not reach hidden keys
             s.unflatten(1, (G, -1)).masked_fill_(hidden, 0.0)
-        acc[:, n0:n0 + N] += s.sum(dim=1)
+        acc[..., n0:n0 + N] += s.sum(dim=1).view(acc.shape[0], acc.shape[1], -1)
         del s
 
 
