@@ -23,8 +23,10 @@ from torch import Tensor
 
 # Scratch one call may hold at once (scores, masks, fp32 copies of q and k rows).
 CPU_SCRATCH_BYTES = 64 << 20
-# Scores per block when whole rows fit: small enough to stay in cache between passes.
-CPU_TILE_SCORES = 1 << 20
+# Scores per block when whole rows fit (8 MiB of them, as many again for their softmax): near
+# the cache between a block's passes, yet few blocks, since every op of a block is a parallel
+# region whose fork and join cost much more than its work on a busy machine.
+CPU_TILE_SCORES = 1 << 21
 
 
 def block_bytes(G: int, rows: int, keys: int, D: int) -> int:
