@@ -3,7 +3,7 @@
 d[b,t,n] = 1 - cos(feats[b,t-1,n], feats[b,t,n]) in fp32 as F.cosine_similarity(eps=1e-8)
 gives it in exact arithmetic, d[b,0,n] = first; sync=True averages over N -> [B,T], else
 [B,T,N]. Finite features give finite, correct distances at any magnitude: a vector whose
-squares would overflow fp32 is scaled by a power of two first. Inference-only: an input that
+squares would overflow fp32 is scaled down before squaring. Inference-only: an input that
 requires grad (under grad mode) raises RuntimeError at call time.
 
 Kernels:
