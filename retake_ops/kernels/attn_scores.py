@@ -10,9 +10,9 @@ are read through views and only the block being computed is copied (to fp32). Ar
 A block is P (batch, kv head) pairs x R query rows of every head of the group x N keys;
 cpu_blocks sizes it so that its scratch stays under `scratch_bytes` whatever the lengths,
 and near CPU_TILE_SCORES scores so that it stays in cache between its passes.
- - All keys in one block (N = Lk): one pass, torch.softmax of the block's scores summed over
-   its rows. Pairs whose every row fits are batched (P > 1): many short (b, h) pairs cost a few
-   batched matmuls and softmaxes, not a Python loop over B x Hkv.
+ - All keys in one block (N = Lk): one pass, scores exponentiated in place and summed over
+   the rows as one vector-matrix product per pair. Pairs whose every row fits are batched
+   (P > 1): many short (b, h) pairs cost a few batched matmuls, not a loop over B x Hkv.
  - Otherwise two passes over key blocks for each row block of one pair: an online row
    max / sum, then exp(s - lse) summed into the key columns.
 NaN: a NaN logit (or a +inf one) makes its row's contributions NaN on every key the row sees;
@@ -23,17 +23,17 @@ from torch import Tensor
 
 # Scratch one call may hold at once (scores, masks, fp32 copies of q and k rows).
 CPU_SCRATCH_BYTES = 64 << 20
-# Scores per block when whole rows fit (8 MiB of them, as many again for their softmax): near
-# the cache between a block's passes, yet few blocks, since every op of a block is a parallel
-# region whose fork and join cost much more than its work on a busy machine.
+# Scores per block when whole rows fit (8 MiB of them): near the cache between a block's passes,
+# yet few blocks, since every op of a block is a parallel region whose fork and join cost much
+# more than its work on a busy machine.
 CPU_TILE_SCORES = 1 << 21
 
 
 def block_bytes(G: int, rows: int, keys: int, D: int) -> int:
-    """Scratch of one pair's block: per (head of the group, row, key) an fp32 score and its
-    softmax; per (row, key) the causal mask and its temporaries; per key an fp32 copy of k and
-    its index; per (head, row) an fp32 copy of q and row statistics."""
-    return G * rows * keys * 8 + rows * keys * 2 + keys * (D * 4 + 8) + G * rows * (D * 4 + 16)
+    """Scratch of one pair's block: per (head of the group, row, key) an fp32 score; per (row,
+    key) the causal mask and its temporaries; per key an fp32 copy of k and its index; per
+    (head, row) an fp32 copy of q and row statistics."""
+    return G * rows * keys * 4 + rows * keys * 2 + keys * (D * 4 + 8) + G * rows * (D * 4 + 16)
 
 
 def cpu_blocks(pairs: int, G: int, rows: int, Lk: int, D: int, budget: int) -> tuple[int, int, int]:
@@ -45,7 +45,7 @@ def cpu_blocks(pairs: int, G: int, rows: int, Lk: int, D: int, budget: int) -> t
     keep the block within both bounds. Else one pair, 64 rows (fewer if the budget is tiny) and
     as many keys as fit.
     """
-    r = (budget - Lk * (D * 4 + 8)) // (G * (Lk * 8 + D * 4 + 16) + Lk * 2)
+    r = (budget - Lk * (D * 4 + 8)) // (G * (Lk * 4 + D * 4 + 16) + Lk * 2)
     if r >= min(rows, 64):
         R = max(1, min(r, rows, max(64, CPU_TILE_SCORES // (G * Lk))))
         if R < rows:
@@ -55,7 +55,7 @@ def cpu_blocks(pairs: int, G: int, rows: int, Lk: int, D: int, budget: int) -> t
     r = min(rows, 64)
     while r > 1 and block_bytes(G, r, 1, D) > budget:
         r //= 2
-    n = (budget - G * r * (D * 4 + 16)) // (G * r * 8 + r * 2 + D * 4 + 8)
+    n = (budget - G * r * (D * 4 + 16)) // (G * r * 4 + r * 2 + D * 4 + 8)
     return 1, r, max(1, min(n, Lk))
 
 
@@ -103,15 +103,19 @@ def _pair_blocks(B: int, H: int, P: int) -> list[tuple[int, int, int, int]]:
 
 
 def _one_pass(qb: Tensor, kb: Tensor, scale: float, G: int, r0: int, shift: int) -> Tensor:
-    """All keys in one block: the softmax of every row, summed over the rows ([P, N])."""
-    s, hidden = _scores(qb, kb, scale, G, r0, 0, shift)
-    p = torch.softmax(s, dim=-1)
-    del s
-    out = p.sum(dim=1)
-    if hidden is not None and bool(out.isnan().any()):
-        # A NaN row is NaN after the softmax on its hidden keys too: clear those, sum again.
-        out = p.unflatten(1, (G, -1)).masked_fill_(hidden, 0.0).sum(dim=(1, 2))
-    return out
+    """All keys in one block: e = exp(s - rowmax) in place, then sum_i e[i, :] / l_i as one
+    vector-matrix product per pair (l_i = sum_j e[i, j]) instead of normalizing and summing;
+    [P, N]. In place, the block needs no second buffer (a softmax would)."""
+    e, hidden = _scores(qb, kb, scale, G, r0, 0, shift)
+    e.sub_(e.amax(dim=-1, keepdim=True)).exp_()
+    inv = e.sum(dim=-1).reciprocal_()
+    if hidden is None or not bool(inv.isnan().any()):
+        return torch.bmm(inv.unsqueeze(1), e).squeeze(1)
+    # A NaN row is NaN on its hidden keys too, and NaN * 0 is NaN in a product: normalize the
+    # rows first, clear the hidden keys, then sum.
+    e.mul_(inv.unsqueeze(-1))
+    e.unflatten(1, (G, -1)).masked_fill_(hidden, 0.0)
+    return e.sum(dim=1)
 
 
 def _two_pass(acc: Tensor, qb: Tensor, kb: Tensor, scale: float, N: int, G: int, r0: int, shift: int) -> None:
