@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..ops._checks import index_range_message, memory_overlaps
+from ..checks import index_range_message, memory_overlaps
 
 BLOCK_L = 32
 NUM_WARPS = 4
