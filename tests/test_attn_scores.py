@@ -373,6 +373,26 @@ def test_triton_property(Hkv, G, Lq, Lk, D, causal, seed):
     torch.testing.assert_close(out, expected(q, k, None, causal), rtol=RTOL, atol=ATOL)
 
 
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+@pytest.mark.parametrize("Lq,Lk,row", [(40, 40, 7), (30, 50, 0), (50, 30, 25), (50, 30, 3)])
+def test_triton_bad_query_row_makes_the_keys_it_sees_nan(causal, bad, Lq, Lk, row):
+    """The rule of test_bad_query_row_makes_its_keys_nan on the Triton kernel (NaN reaches the
+    keys the row sees through its lse, whatever the GPU's max makes of NaN)."""
+    q, k = make_qk(2, 4, 2, Lq, Lk, 16, torch.float32, seed=row)
+    q[1, 3, row, 5] = bad
+    torch.testing.assert_close(run_triton(q, k, None, causal), expected(q, k, None, causal), rtol=RTOL, atol=ATOL,
+                               equal_nan=True)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_triton_nan_key(causal):
+    q, k = make_qk(1, 4, 2, 25, 40, 16, torch.float32, seed=3)
+    k[0, 0, 17, 2] = float("nan")
+    out = run_triton(q, k, None, causal)
+    assert out[0, 0].isnan().all() and not out[0, 1].isnan().any()
+
+
 def test_shipped_configs_cover_dispatch():
     """Every (dtype, D) the launcher accepts maps to a configuration that the
     ahead-of-time compile step covers."""

@@ -18,19 +18,18 @@ as without GQA.
 Pass one, _attn_lse_kernel: one program per (block of packed rows, b * Hkv + kv head)
 walks the key blocks with an online max/sum and stores each row's log-sum-exp (base 2)
 into an fp32 [B * Hkv, G * Lq] scratch; a row that sees no key stores +inf, so it adds
-nothing later. A row that sees a key and ends with a sum that is not positive met a NaN
-(or only -inf) among its logits: the program sets its flag in an int8 [B * Hkv, blocks]
-scratch, and pass two then writes NaN to every key of the group, as the materialized
-softmax does (one NaN logit makes its whole row NaN). The flag does not rely on how max
-treats NaN (the GPU's ignores it).
+nothing later. A NaN (or +inf) logit makes the row's running sum NaN whatever max makes of
+it (the GPU's ignores NaN, exp2 of NaN is NaN), so the row stores lse = NaN; pass two then
+adds exp2(s - NaN) = NaN to every key the row sees and, through the causal mask, nothing to
+the keys it does not, as the materialized softmax does.
 Pass two, _attn_colsum_kernel: one program per (key block, b * Hkv + kv head, split)
 keeps its key block resident and walks the packed rows (a split takes a contiguous share
 of them) computing the transposed scores k . q^T, a [keys, rows] tile whose row sums are
 the per-key column sums of exp2(s - lse): reduced within each warp on every step, so
 the accumulator is one value per key. No float atomics: every output element is written
 by one program and the per-split partials are added in a fixed order, so results are
-deterministic. Extra memory: the lse scratch (B * Hq * Lq floats), the flags, and
-(splits - 1) partial outputs; splits > 1 only when the key blocks alone cannot fill the
+deterministic. Extra memory: the lse scratch (B * Hq * Lq floats) and (splits - 1) partial
+outputs; splits > 1 only when the key blocks alone cannot fill the
 GPU.
 
 Both passes split their loop into tiles that need no masking and the band along the
@@ -43,8 +42,6 @@ import triton
 import triton.language as tl
 
 LOG2E = 1.4426950408889634
-# Flags read per step by pass two (int8): the group's whole flag row in a step or two.
-FLAG_BLOCK = tl.constexpr(1024)
 
 
 @triton.jit
@@ -100,7 +97,7 @@ def _lse_tiles(q, q_rows, q_live, m_i, l_i, k_base, stride_kn, pos, offs_n, D, L
 
 
 @triton.jit(do_not_specialize=["Hkv", "G", "Lq", "Lk", "shift", "m_blocks"])
-def _attn_lse_kernel(Q, K, LSE, FLAGS, stride_qb, stride_qh, stride_qm, stride_kb, stride_kh,
+def _attn_lse_kernel(Q, K, LSE, stride_qb, stride_qh, stride_qm, stride_kb, stride_kh,
                      stride_kn, Hkv, G, Lq, Lk, D, shift, qk_scale, m_blocks,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DC: tl.constexpr,
                      D_STEPS: tl.constexpr, FP32: tl.constexpr):
@@ -138,12 +135,11 @@ def _attn_lse_kernel(Q, K, LSE, FLAGS, stride_qb, stride_qh, stride_qm, stride_k
                           shift, qk_scale, 0, n_full, BLOCK_N, BLOCK_DC, D_STEPS, False, FP32)
     m_i, l_i = _lse_tiles(q, q_rows, q_live, m_i, l_i, k_base, stride_kn, pos, offs_n, D, Lk,
                           shift, qk_scale, n_full, n_hi, BLOCK_N, BLOCK_DC, D_STEPS, True, FP32)
-    # Every row with pos + shift >= 0 sees key 0; its largest term adds exp2(0) = 1 to l_i.
+    # Every row with pos + shift >= 0 sees key 0; its largest term adds exp2(0) = 1 to l_i,
+    # unless a NaN made l_i NaN (then lse is NaN too: the row's keys become NaN in pass two).
     has_key = (pos + shift >= 0) & (offs_r < rows)
     lse = tl.where(has_key, m_i + tl.math.log2(tl.where(has_key, l_i, 1.0)), float("inf"))
     tl.store(LSE + pid_bh.to(tl.int64) * rows + offs_r, lse, mask=offs_r < rows)
-    bad = has_key & ~(l_i > 0.0)
-    tl.store(FLAGS + pid_bh.to(tl.int64) * m_blocks + pid_m, tl.max(bad.to(tl.int8), 0))
 
 
 @triton.jit
@@ -165,10 +161,10 @@ def _colsum_tiles(acc, k, k_rows, k_live, q_base, lse_base, stride_qh, stride_qm
     return acc
 
 
-@triton.jit(do_not_specialize=["Hkv", "G", "rows_per_split", "Lq", "Lk", "shift", "flag_blocks"])
-def _attn_colsum_kernel(Q, K, LSE, FLAGS, OUT, stride_qb, stride_qh, stride_qm, stride_kb,
+@triton.jit(do_not_specialize=["Hkv", "G", "rows_per_split", "Lq", "Lk", "shift"])
+def _attn_colsum_kernel(Q, K, LSE, OUT, stride_qb, stride_qh, stride_qm, stride_kb,
                         stride_kh, stride_kn, Hkv, G, rows_per_split, Lq, Lk, D, shift, qk_scale,
-                        flag_blocks, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                         BLOCK_DC: tl.constexpr, D_STEPS: tl.constexpr, FP32: tl.constexpr):
     pid_bh = tl.program_id(0)  # heads on axis 0 (up to 2^31 - 1 programs)
     pid_n = tl.program_id(1)
@@ -208,11 +204,6 @@ def _attn_colsum_kernel(Q, K, LSE, FLAGS, OUT, stride_qb, stride_qh, stride_qm, 
                         offs_r, D, G, rows, shift, qk_scale, mid, hi, BLOCK_M, BLOCK_DC, D_STEPS,
                         False, FP32)
 
-    bad = tl.zeros([FLAG_BLOCK], dtype=tl.int8)
-    for f0 in range(0, flag_blocks, FLAG_BLOCK):
-        f = f0 + tl.arange(0, FLAG_BLOCK)
-        bad |= tl.load(FLAGS + pid_bh.to(tl.int64) * flag_blocks + f, mask=f < flag_blocks, other=0)
-    acc = tl.where(tl.max(bad, 0) != 0, float("nan"), acc)
     out_base = OUT + (pid_s * tl.num_programs(0) + pid_bh).to(tl.int64) * Lk
     tl.store(out_base + offs_n, acc, mask=offs_n < Lk)
 
@@ -283,29 +274,28 @@ def _setup(q: torch.Tensor, k: torch.Tensor, scale: float | None, causal: bool):
 
 
 def attn_lse_triton(q: torch.Tensor, k: torch.Tensor, scale: float | None = None,
-                    causal: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pass one: (lse fp32 [B * Hkv, G * Lq] in packed rows, NaN flags int8 [B * Hkv, row
-    blocks]). Arguments as retake::attn_scores (the op checks them), Lq and Lk > 0."""
+                    causal: bool = False) -> torch.Tensor:
+    """Pass one: lse fp32 [B * Hkv, G * Lq] in packed rows (base 2; +inf for a row that sees no
+    key, NaN for a row with a NaN logit). Arguments as retake::attn_scores (the op checks
+    them), Lq and Lk > 0."""
     B, _, Lq, D = q.shape
     Hkv, Lk = k.shape[1], k.shape[2]
     q, k, G, shift, cfg, qk_scale = _setup(q, k, scale, causal)
     rows = G * Lq
     m_blocks = triton.cdiv(rows, cfg.lse_m)
     lse = torch.empty((B * Hkv, rows), dtype=torch.float32, device=q.device)
-    flags = torch.empty((B * Hkv, m_blocks), dtype=torch.int8, device=q.device)
     _attn_lse_kernel[(B * Hkv * m_blocks,)](
-        q, k, lse, flags, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1),
+        q, k, lse, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1),
         k.stride(2), Hkv, G, Lq, Lk, D, shift, qk_scale, m_blocks,
         BLOCK_M=cfg.lse_m, BLOCK_N=cfg.lse_n, BLOCK_DC=cfg.block_d // cfg.d_steps,
         D_STEPS=cfg.d_steps, FP32=q.dtype == torch.float32,
         num_warps=cfg.lse_warps, num_stages=cfg.lse_stages)
-    return lse, flags
+    return lse
 
 
-def attn_colsum_triton(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, flags: torch.Tensor,
-                       scale: float | None = None, causal: bool = False,
-                       head_splits: int | None = None) -> torch.Tensor:
-    """Pass two: fp32 [B, Hkv, Lk] from pass one's lse and flags. head_splits: how many
+def attn_colsum_triton(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, scale: float | None = None,
+                       causal: bool = False, head_splits: int | None = None) -> torch.Tensor:
+    """Pass two: fp32 [B, Hkv, Lk] from pass one's lse. head_splits: how many
     programs share a key block's group of query heads, each taking a contiguous share of
     its packed rows (default: enough to fill the GPU; 1 off-GPU)."""
     B, _, Lq, D = q.shape
@@ -318,8 +308,8 @@ def attn_colsum_triton(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, flag
     splits = triton.cdiv(rows, rows_per_split)
     out = torch.empty((splits, B, Hkv, Lk), dtype=torch.float32, device=q.device)
     _attn_colsum_kernel[(B * Hkv, n_blocks, splits)](
-        q, k, lse, flags, out, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1),
-        k.stride(2), Hkv, G, rows_per_split, Lq, Lk, D, shift, qk_scale, flags.shape[1],
+        q, k, lse, out, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1),
+        k.stride(2), Hkv, G, rows_per_split, Lq, Lk, D, shift, qk_scale,
         BLOCK_M=cfg.col_m, BLOCK_N=cfg.col_n, BLOCK_DC=cfg.block_d // cfg.d_steps,
         D_STEPS=cfg.d_steps, FP32=q.dtype == torch.float32,
         num_warps=cfg.col_warps, num_stages=cfg.col_stages)
@@ -333,8 +323,8 @@ def attn_scores_triton(q: torch.Tensor, k: torch.Tensor, scale: float | None = N
     B, Hkv, Lk = k.shape[0], k.shape[1], k.shape[2]
     if B * q.shape[2] * Lk == 0:
         return torch.zeros((B, Hkv, Lk), dtype=torch.float32, device=q.device)
-    lse, flags = attn_lse_triton(q, k, scale, causal)
-    return attn_colsum_triton(q, k, lse, flags, scale, causal, head_splits)
+    lse = attn_lse_triton(q, k, scale, causal)
+    return attn_colsum_triton(q, k, lse, scale, causal, head_splits)
 
 
 def aot_specs() -> list[dict]:
@@ -349,11 +339,11 @@ def aot_specs() -> list[dict]:
     specs = []
     for dtype, cfg in SHIPPED_CONFIGS:
         t = ptr[dtype]
-        common = {"Q": t, "K": t, "LSE": "*fp32", "FLAGS": "*i8", **{s: "i32" for s in strides},
+        common = {"Q": t, "K": t, "LSE": "*fp32", **{s: "i32" for s in strides},
                   "Hkv": "i32", "G": "i32", "Lq": "i32", "Lk": "i32", "D": "i32", "shift": "i32",
                   "qk_scale": "fp32"}
         lse_sig = {**common, "m_blocks": "i32"}
-        col_sig = {**common, "OUT": "*fp32", "rows_per_split": "i32", "flag_blocks": "i32"}
+        col_sig = {**common, "OUT": "*fp32", "rows_per_split": "i32"}
         tag = f"{str(dtype).removeprefix('torch.')}_d{cfg.block_d}"
         fp32 = dtype == torch.float32
         specs.append(dict(name=f"_attn_lse_kernel[{tag}]", kernel=_attn_lse_kernel,

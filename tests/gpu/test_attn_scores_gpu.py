@@ -79,9 +79,9 @@ def test_cuda_non_finite_rows_are_nan_as_the_reference(dtype, causal, poison):
 def test_cuda_passes_compose():
     """The two launchers, called one after the other, are the op (the report times them so)."""
     q, k = make_qk(2, 8, 2, 300, 200, 128, torch.bfloat16)
-    lse, flags = attn_lse_triton(q, k, None, True)
-    assert lse.shape == (2 * 2, 4 * 300) and flags.dtype == torch.int8
-    assert torch.equal(attn_colsum_triton(q, k, lse, flags, None, True), attn_scores_triton(q, k, None, True))
+    lse = attn_lse_triton(q, k, None, True)
+    assert lse.shape == (2 * 2, 4 * 300) and lse.dtype == torch.float32
+    assert torch.equal(attn_colsum_triton(q, k, lse, None, True), attn_scores_triton(q, k, None, True))
 
 
 @pytest.mark.parametrize("splits", [1, 2, 5])
@@ -103,7 +103,7 @@ def test_cuda_deterministic_and_memory_bounded():
     torch.cuda.synchronize()
     extra = torch.cuda.max_memory_allocated() - base
     assert torch.equal(first, second)
-    # lse scratch + flags + row-split partials + output: at most 28 * 4096 * 4 * (1 + 2) bytes.
+    # lse scratch + row-split partials + output: at most 28 * 4096 * 4 * (1 + 2) bytes.
     assert extra <= 28 * 4096 * 4 * 3, extra
 
 
