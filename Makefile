@@ -38,3 +38,13 @@ bench: install
 
 clean:
 	rm -rf build *.egg-info
+
+# The one prepared device run (README: GPU check): CUDA build, tests/gpu, compute-sanitizer, the
+# report and the compiled kernels' resources, all into one folder. GPU_PYTHON=python3 runs it in
+# that interpreter with the packages it has (no virtual environment, nothing downloaded).
+# ARGS="--dry-run" (or `make -n gpu-check`) checks every step without a GPU; ARGS="--out DIR".
+GPU_PYTHON ?= $(PY)
+
+.PHONY: gpu-check
+gpu-check: $(if $(filter $(PY),$(GPU_PYTHON)),venv)
+	+$(GPU_PYTHON) tools/gpu_check.py $(if $(findstring n,$(firstword -$(MAKEFLAGS))),--dry-run) $(ARGS)

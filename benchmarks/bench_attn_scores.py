@@ -47,6 +47,28 @@ def test_attn_scores_cpu_2k(benchmark, impl, causal):
     benchmark.pedantic(fn, rounds=5, warmup_rounds=1)
 
 
+# Many (batch, kv head) pairs with short L, where a loop over the pairs would cost more than
+# the work: (B, Hq, Hkv, L, D).
+MANY_HEADS = {
+    "B256_H32_L16_D64": (256, 32, 32, 16, 64),
+    "B64_H8_L128_D64": (64, 8, 8, 128, 64),
+}
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("impl", ["op", "reference"])
+@pytest.mark.parametrize("size", list(MANY_HEADS))
+def test_attn_scores_cpu_many_heads(benchmark, size, impl, causal):
+    """Many short (b, h) pairs, bf16: the op batches them, so it is no slower than the reference."""
+    B, Hq, Hkv, L, D = MANY_HEADS[size]
+    q, k = make_qk(B, Hq, Hkv, L, D)
+    fn = (lambda: retake_ops.attn_scores(q, k, causal=causal)) if impl == "op" else \
+         (lambda: ref.attn_scores(q, k, None, causal))
+    benchmark.group = f"attn_scores many heads {size} causal={causal}"
+    record(benchmark, fn, B, Hq, L, D)
+    benchmark.pedantic(fn, rounds=7, warmup_rounds=1)
+
+
 @pytest.mark.slow
 def test_attn_scores_cpu_16k_memory(benchmark):
     """Hq=8, Hkv=2, D=64, L=16k causal: the reference would need ~8 GiB of fp32 scores; the

@@ -1,18 +1,24 @@
 """GPU report: every retake op timed against its reference and the device's measured ceilings.
 
     python benchmarks/gpu_report.py                  # on a CUDA machine -> benchmarks/results/<gpu>.json
+    python benchmarks/gpu_report.py --quick          # the same at sizes that fit a few minutes
     python benchmarks/gpu_report.py --device cpu --small --out /tmp/r   # smoke run of the script itself
+    python benchmarks/gpu_report.py --dry-run        # import every section, measure nothing
 
 Ceilings are measured in the same run: device-to-device copy bandwidth (a large
 tensor copy, bytes read + written) and the bf16 matmul rate. Timings are medians
 (triton.testing.do_bench on CUDA, perf_counter on CPU) on random inputs.
-Sections: this file's DPSelect section plus every benchmarks/gpu_report_<op>.py,
-each a `run(ctx) -> dict`.
+Sections: this file's DPSelect section plus every benchmarks/gpu_report_<op>.py, each a
+`run(ctx) -> dict`, imported only when it runs. The JSON is rewritten as soon as each
+section is measured; a section that needs a package that is not installed is recorded as
+skipped with the reason, one that fails as an error, and the others still run (the exit
+status is 1 if any section failed).
 """
 import argparse
 import hashlib
 import importlib.util
 import json
+import os
 import pathlib
 import platform
 import re
@@ -20,6 +26,7 @@ import statistics
 import subprocess
 import sys
 import time
+import traceback
 
 import torch
 import torch.nn.functional as F
@@ -33,8 +40,8 @@ ROOT = HERE.parent
 class Context:
     """What a report section gets: the device, a timer, a memory probe and the ceilings."""
 
-    def __init__(self, device: torch.device, small: bool, out_dir: pathlib.Path):
-        self.device, self.small, self.out_dir = device, small, out_dir
+    def __init__(self, device: torch.device, small: bool, out_dir: pathlib.Path, quick: bool = False):
+        self.device, self.small, self.quick, self.out_dir = device, small, quick, out_dir
         self.cuda = device.type == "cuda"
         self.copy_gbps = self._copy_gbps()
         self.matmul_tflops = self._matmul_tflops()
@@ -134,24 +141,62 @@ def git_commit() -> str:
         return "unknown"
 
 
-def load_sections(only):
-    sections = {"dpselect": dpselect_section}
+def sections(only=None) -> dict:
+    """Section name -> how to get its run function (imported only when called)."""
+    found = {"dpselect": lambda: dpselect_section}
     for path in sorted(HERE.glob("gpu_report_*.py")):
-        name = path.stem[len("gpu_report_"):]
-        spec = importlib.util.spec_from_file_location(f"gpu_report_{name}", path)
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        sections[name] = module.run
-    return {n: f for n, f in sections.items() if not only or n in only}
+        found[path.stem[len("gpu_report_"):]] = lambda path=path: _load(path).run
+    unknown = set(only or ()) - set(found)
+    if unknown:
+        raise SystemExit(f"gpu_report: unknown sections {sorted(unknown)}, expected some of {sorted(found)}")
+    return {n: f for n, f in found.items() if not only or n in only}
+
+
+def _load(path: pathlib.Path):
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def run_section(load, ctx) -> tuple[dict, bool]:
+    """(figures, ok): a missing optional package gives {"skipped": reason}, any other
+    failure {"error": ...}; neither stops the report."""
+    try:
+        return load()(ctx), True
+    except ImportError as exc:
+        return {"skipped": f"needs a package that is not installed: {exc}"}, True
+    except Exception as exc:  # record it, keep the sections after it
+        if ctx.cuda:
+            torch.cuda.empty_cache()
+        return {"error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc(limit=8)}, False
+
+
+def write_json(path: pathlib.Path, report: dict) -> None:
+    """Replace the file in one step, so an interrupted run leaves the last complete version."""
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(report, indent=2, default=str) + "\n")
+    os.replace(tmp, path)
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--small", action="store_true", help="tiny sizes: checks the script, measures nothing")
+    ap.add_argument("--quick", action="store_true", help="the device sizes that fit a few minutes")
+    ap.add_argument("--dry-run", action="store_true", help="import every selected section, measure nothing")
     ap.add_argument("--out", default=str(HERE / "results"), help="folder for the JSON and the plots")
     ap.add_argument("--sections", nargs="*", help="run only these sections")
     args = ap.parse_args(argv)
+    selected = sections(args.sections)
+    if args.dry_run:
+        for section, load in selected.items():
+            try:
+                status = "ready" if callable(load()) else "no run() function"
+            except ImportError as exc:
+                status = f"would be skipped: {exc}"
+            print(f"gpu_report: {section}: {status}", flush=True)
+        return None
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         sys.exit("gpu_report: no CUDA device; use --device cpu --small to smoke-run the script")
@@ -159,7 +204,7 @@ def main(argv=None):
     out_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
 
-    ctx = Context(device, args.small, out_dir)
+    ctx = Context(device, args.small, out_dir, args.quick)
     name = torch.cuda.get_device_name(device) if ctx.cuda else f"cpu-{platform.machine()}"
     try:
         import triton
@@ -170,6 +215,7 @@ def main(argv=None):
     report = {
         "device": name,
         "small": args.small,
+        "quick": args.quick,
         "torch": torch.__version__,
         "torch_cuda": torch.version.cuda,
         "triton": triton_version,
@@ -178,17 +224,27 @@ def main(argv=None):
         "build_info": retake_ops.build_info(),
         "ceilings": {"copy_gbps": ctx.copy_gbps, "matmul_tflops": ctx.matmul_tflops},
         "sections": {},
+        "failed_sections": [],
     }
-    for section, run in load_sections(args.sections).items():
-        print(f"gpu_report: {section} ...", flush=True)
-        report["sections"][section] = run(ctx)
-    slug = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") + ("-small" if args.small else "")
+    slug = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+    slug += "-small" if args.small else "-quick" if args.quick else ""
     path = out_dir / f"{slug}.json"
-    path.write_text(json.dumps(report, indent=2, default=str) + "\n")
+    write_json(path, report)
     print(json.dumps(report["ceilings"]), flush=True)
-    print(f"gpu_report: wrote {path}")
+    failed = report["failed_sections"]
+    for section, load in selected.items():
+        print(f"gpu_report: {section} ...", flush=True)
+        start = time.perf_counter()
+        report["sections"][section], ok = run_section(load, ctx)
+        report["sections"][section]["seconds"] = round(time.perf_counter() - start, 1)
+        if not ok:
+            failed.append(section)
+            print(report["sections"][section]["traceback"], flush=True)
+        write_json(path, report)
+    print(f"gpu_report: wrote {path}" + (f"; failed sections: {', '.join(failed)}" if failed else ""), flush=True)
     return path
 
 
 if __name__ == "__main__":
-    main()
+    written = main()
+    sys.exit(1 if written and json.loads(written.read_text())["failed_sections"] else 0)

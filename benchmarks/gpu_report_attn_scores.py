@@ -1,6 +1,6 @@
 """GPU report section for retake::attn_scores (run by benchmarks/gpu_report.py).
 
-Shape of DESIGN.md's target: B=1, Hq=28, Hkv=4, D=128, bf16, Lq = Lk = L in {4k, 8k, 16k,
+Shape of the performance target: B=1, Hq=28, Hkv=4, D=128, bf16, Lq = Lk = L in {4k, 8k, 16k,
 32k}, non-causal (causal timings of the op are reported too). Work counted as
 4 * B * Hq * L * L * D flops (the two score products of the two passes), the same count
 as scaled_dot_product_attention on the same shape (QK^T and PV).
@@ -14,13 +14,20 @@ Anchors, each measured in the same run:
   per-head sums added over each group): target faster; skipped with the reason when the
   package is not installed.
 Peak extra memory of each (ctx.peak_memory: None where it cannot measure), and a PNG of
-time and memory vs L (attn_scores.png).
+time and memory vs L (attn_scores.png, where matplotlib is installed).
+On CUDA also: the time of each of the op's two passes alone (pass one: the log-sum-exp
+of every query row; pass two: the per-key column sums), and the registers, spills and
+shared memory of every specialization of the two kernels that the JIT compiled.
+ctx.quick: L in {8k, 32k}, the materialized reference only where it is cheap (8k).
 """
 import torch
 import torch.nn.functional as F
 
 import retake_ops
 from retake_ops import ref
+
+# Above this many softmax elements the quick run skips the materialized reference.
+QUICK_REFERENCE_MAX = 28 * 8192 * 8192
 
 B, HQ, HKV, D = 1, 28, 4, 128
 
@@ -53,7 +60,7 @@ def _measure(ctx, fn, flops=None) -> dict:
 
 
 def _speedup(anchor: dict, ours: dict):
-    return "OOM" if anchor["ms"] == "OOM" else anchor["ms"] / ours["ms"]
+    return anchor["ms"] / ours["ms"] if isinstance(anchor["ms"], float) else anchor["ms"]
 
 
 def _flash_colreduce():
@@ -64,8 +71,43 @@ def _flash_colreduce():
     return flash_colreduce, None
 
 
+def _passes(ctx, q, k, causal) -> dict:
+    """Milliseconds of pass one and pass two alone (CUDA only: the launchers are Triton's)."""
+    if not ctx.cuda:
+        return {"skipped": "the passes are Triton launches: CUDA only"}
+    from retake_ops.triton.attn_scores import attn_colsum_triton, attn_lse_triton
+
+    lse = attn_lse_triton(q, k, None, causal)
+    return {"pass1_lse_ms": ctx.bench(lambda: attn_lse_triton(q, k, None, causal)),
+            "pass2_colsum_ms": ctx.bench(lambda: attn_colsum_triton(q, k, lse, None, causal))}
+
+
+def compiled_kernels() -> list[dict] | dict:
+    """Registers, spills and shared memory of every compiled specialization of the two
+    kernels, read from the JIT's cache (where this Triton exposes it)."""
+    if not torch.cuda.is_available():
+        return {"skipped": "nothing is compiled off CUDA"}
+    from retake_ops.triton import attn_scores as kernels
+
+    rows = []
+    for fn in (kernels._attn_lse_kernel, kernels._attn_colsum_kernel):
+        for cache in getattr(fn, "device_caches", {}).values():
+            for compiled in cache[0].values():
+                src, meta = compiled.src, compiled.metadata
+                rows.append({
+                    "kernel": fn.__name__,
+                    "constexprs": {fn.arg_names[i[0]]: v for i, v in src.constants.items()
+                                   if isinstance(v, (int, bool))},
+                    "hinted": sorted(fn.arg_names[i[0]] for i in src.attrs),
+                    "i64": sorted(a for a, t in src.signature.items() if t == "i64"),
+                    "num_warps": meta.num_warps, "num_stages": meta.num_stages, "shared": meta.shared,
+                    "n_regs": getattr(compiled, "n_regs", None), "n_spills": getattr(compiled, "n_spills", None),
+                })
+    return rows
+
+
 def run(ctx) -> dict:
-    lengths = [64, 96] if ctx.small else [4096, 8192, 16384, 32768]
+    lengths = [64, 96] if ctx.small else [8192, 32768] if ctx.quick else [4096, 8192, 16384, 32768]
     dtype = torch.bfloat16
     fcr, fcr_skip = _flash_colreduce()
     if fcr is not None and ctx.device.type != "cuda":
@@ -78,11 +120,16 @@ def run(ctx) -> dict:
         v = torch.randn(B, HKV, L, D, device=ctx.device, dtype=dtype, generator=gen)
         ours_fn = lambda: torch.ops.retake.attn_scores(q, k, None, False)  # noqa: E731
         op = _measure(ctx, ours_fn, _flops(L))
+        op.update(_passes(ctx, q, k, False))
         # Causal skips the hidden half of the tiles: about half the flops.
         op_causal = _measure(ctx, lambda: torch.ops.retake.attn_scores(q, k, None, True), _flops(L) / 2)
+        op_causal.update(_passes(ctx, q, k, True))
 
-        reference = _measure(ctx, lambda: ref.attn_scores(q, k, None, False))
-        if reference["ms"] != "OOM":
+        if ctx.quick and HQ * L * L > QUICK_REFERENCE_MAX:
+            reference = {"ms": "skipped", "peak_bytes": "skipped", "note": "quick run"}
+        else:
+            reference = _measure(ctx, lambda: ref.attn_scores(q, k, None, False))
+        if isinstance(reference["ms"], float):
             want = ref.attn_scores(q, k, None, False)
             reference["max_rel_err_of_op"] = \
                 ((ours_fn() - want).abs() / want.abs().clamp_min(1e-6)).max().item()
@@ -107,16 +154,21 @@ def run(ctx) -> dict:
         del q, k, v
         if ctx.device.type == "cuda":
             torch.cuda.empty_cache()
-    _plot(ctx, lengths, rows)
     return {"shape": {"B": B, "Hq": HQ, "Hkv": HKV, "D": D, "dtype": "bfloat16", "causal": False},
             "targets": {"op.fraction_of_matmul_rate": ">= 0.5", "op.speedup_vs_reference": ">= 10",
                         "op.speedup_vs_flash_colreduce": "> 1"},
             "kernel": retake_ops.build_info()["ops"]["attn_scores"],
+            "compiled_kernels": compiled_kernels(),
+            "plot": _plot(ctx, lengths, rows),
             "by_length": rows}
 
 
-def _plot(ctx, lengths, rows):
-    import matplotlib
+def _plot(ctx, lengths, rows) -> str:
+    """Draw attn_scores.png; returns its file name, or why there is none."""
+    try:
+        import matplotlib
+    except ImportError:
+        return "not drawn: matplotlib is not installed"
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -145,3 +197,4 @@ def _plot(ctx, lengths, rows):
     ctx.out_dir.mkdir(parents=True, exist_ok=True)
     fig.savefig(ctx.out_dir / "attn_scores.png", dpi=120)
     plt.close(fig)
+    return "attn_scores.png"

@@ -5,7 +5,8 @@ B*H*L'*D*element size); the ceiling is ctx.copy_gbps (a device-to-device copy, r
 pivot_kv_compress (Hq=28, Hkv=4, D=128, bf16, keep 0.25, Lq = Lk = L): time and peak extra
 memory, against attn_scores alone (the floor: selection and gather add the rest) and the
 materialized reference (reported as "OOM" where it does not fit); memory against the input
-K+V bytes, which shows that nothing O(L^2) is allocated.
+K+V bytes, which shows that nothing O(L^2) is allocated. ctx.quick: the first two gather
+shapes, L in {8k, 32k}.
 """
 import torch
 
@@ -38,6 +39,8 @@ def kv_gather_figures(ctx) -> dict:
     # (B, H, L, L_out, D): a keep-0.25 chunk of one layer, and a batch of long caches halved.
     shapes = [(1, 4, 64, 16, 64), (2, 2, 97, 50, 80)] if ctx.small else \
         [(1, 4, 32768, 8192, 128), (1, 8, 131072, 32768, 128), (4, 8, 65536, 32768, 128)]
+    if ctx.quick:
+        shapes = shapes[:2]
     figures = []
     for B, H, L, L_out, D in shapes:
         k = torch.randn(B, H, L, D, device=ctx.device, dtype=torch.bfloat16)
@@ -69,7 +72,7 @@ def kv_gather_figures(ctx) -> dict:
 
 def pivot_kv_compress_figures(ctx) -> dict:
     Hq, Hkv, D = (4, 2, 64) if ctx.small else (28, 4, 128)
-    lengths = [64, 128] if ctx.small else [8192, 16384, 32768]
+    lengths = [64, 128] if ctx.small else [8192, 32768] if ctx.quick else [8192, 16384, 32768]
     figures = []
     for L in lengths:
         q = torch.randn(1, Hq, L, D, device=ctx.device, dtype=torch.bfloat16)

@@ -1,13 +1,21 @@
-// Argument checks shared by the C++ CPU kernels and the CUDA glue. Messages
-// match retake_ops/ops/_checks.py word for word, so an error reads the same
-// whichever kernel the dispatcher picked. TORCH_CHECK_VALUE raises ValueError.
+// Every argument check of the C++ CPU kernels and the CUDA glue, written once. Messages
+// match retake_ops/checks.py word for word, so an error reads the same whichever kernel the
+// dispatcher picked. TORCH_CHECK_VALUE raises ValueError.
 #pragma once
 #include <ATen/ATen.h>
 
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
 #include <sstream>
 #include <string>
+#include <utility>
+#include <vector>
 
 namespace retake {
+
+// ---------------------------------------------------------------- generic
 
 inline std::string dtype_name(at::ScalarType t) {
   switch (t) {
@@ -22,13 +30,15 @@ inline std::string dtype_name(at::ScalarType t) {
   }
 }
 
-inline std::string shape_str(const at::Tensor& t) {
+inline std::string list_str(at::IntArrayRef values) {
   std::ostringstream s;
   s << "[";
-  for (int64_t i = 0; i < t.dim(); ++i) s << (i ? ", " : "") << t.size(i);
+  for (size_t i = 0; i < values.size(); ++i) s << (i ? ", " : "") << values[i];
   s << "]";
   return s.str();
 }
+
+inline std::string shape_str(const at::Tensor& t) { return list_str(t.sizes()); }
 
 inline void check_float(const char* op, const char* name, const at::Tensor& t) {
   auto d = t.scalar_type();
@@ -46,13 +56,63 @@ inline void check_window(const char* op, int64_t window) {
   TORCH_CHECK_VALUE(window >= 1 && window % 2 == 1, op, ": window must be odd and >= 1, got ", window);
 }
 
-// Argument checks of the DPSelect ops, shared by their CPU kernels and CUDA glue.
+// Whether the address ranges spanned by a and b intersect (conservative for strided views;
+// at::get_overlap_status gives up on non-dense tensors such as cache slices).
+inline bool memory_overlaps(const at::Tensor& a, const at::Tensor& b) {
+  if (a.numel() == 0 || b.numel() == 0) return false;
+  auto span = [](const at::Tensor& t) {
+    int64_t last = 0;
+    for (int64_t d = 0; d < t.dim(); ++d) last += (t.size(d) - 1) * t.stride(d);
+    return (last + 1) * static_cast<int64_t>(t.element_size());
+  };
+  const auto pa = reinterpret_cast<uintptr_t>(a.data_ptr()), pb = reinterpret_cast<uintptr_t>(b.data_ptr());
+  return pa < pb + span(b) && pb < pa + span(a);
+}
+
+// Whether two elements of t can share an address: dims sorted by stride, each stride must exceed
+// the farthest offset the smaller dims reach. Exact for stride 0 (expanded) and for the layouts
+// of slices, transposes and permutes; conservative for exotic interleavings.
+inline bool may_overlap_itself(const at::Tensor& t) {
+  std::vector<std::pair<int64_t, int64_t>> dims;  // (stride, size) of the dims that repeat
+  for (int64_t d = 0; d < t.dim(); ++d)
+    if (t.size(d) > 1) dims.emplace_back(t.stride(d), t.size(d));
+  std::sort(dims.begin(), dims.end());
+  int64_t reach = 0;
+  for (const auto& [stride, size] : dims) {
+    if (stride <= reach) return true;
+    reach += (size - 1) * stride;
+  }
+  return false;
+}
+
+inline void check_no_self_overlap(const char* op, const char* name, const at::Tensor& t) {
+  TORCH_CHECK_VALUE(t.numel() == 0 || !may_overlap_itself(t), op, ": ", name,
+                    " must not overlap itself (an expanded or overlapping view would write several elements to "
+                    "one address), got shape ", shape_str(t), " with strides ", list_str(t.strides()));
+}
+
+// ---------------------------------------------------------------- DPSelect ops
+
 inline void check_feats(const char* op, const at::Tensor& feats) {
   check_rank(op, "feats", feats, 4, "[B, T, N, C]");
   check_float(op, "feats", feats);
   // The patch mean (sync) of zero patches has no value.
   TORCH_CHECK_VALUE(feats.size(2) >= 1, op, ": feats must have at least one patch (N >= 1), got shape ",
                     shape_str(feats));
+}
+
+inline void check_frame_distance_args(const at::Tensor& feats, double first) {
+  constexpr const char* op = "frame_distance";
+  check_feats(op, feats);
+  // The distances are fp32: a finite `first` beyond its range would silently become +-inf.
+  TORCH_CHECK_VALUE(!std::isfinite(first) || std::fabs(first) <= std::numeric_limits<float>::max(), op,
+                    ": first must be within the float32 range (|first| <= 3.4028235e+38) or +-inf, got ", first);
+}
+
+inline void check_features_finite(const char* op, bool nonfinite) {
+  TORCH_CHECK_VALUE(!nonfinite, op,
+                    ": feats contains NaN or Inf; pass check_finite=False to skip this check "
+                    "(non-finite distances then rank lowest)");
 }
 
 inline void check_local_peaks_args(const at::Tensor& dist, int64_t window) {
@@ -72,6 +132,95 @@ inline void check_dpselect_args(const at::Tensor& feats, int64_t num_frames, int
   TORCH_CHECK_VALUE(num_frames >= 0 && num_frames <= T, op, ": num_frames must be in [0, T=", T, "], got ",
                     num_frames);
   check_window(op, window);
+}
+
+// ---------------------------------------------------------------- nms_select
+
+constexpr int64_t kNmsMaxFrames = (int64_t(1) << 31) - 1;  // frames are indexed with int on CUDA
+
+// Checks the arguments; returns the suppression radius, N // (4k) for radius == -1 (0 when k == 0).
+inline int64_t check_nms_select_args(const at::Tensor& scores, int64_t k, int64_t radius) {
+  constexpr const char* op = "nms_select";
+  check_rank(op, "scores", scores, 2, "[B, N]");
+  check_float(op, "scores", scores);
+  const int64_t N = scores.size(1);
+  TORCH_CHECK_VALUE(N <= kNmsMaxFrames, op, ": scores has N=", N, " frames, at most ", kNmsMaxFrames,
+                    " are supported");
+  TORCH_CHECK_VALUE(k >= 0 && k <= N, op, ": k must be in [0, N=", N, "], got ", k);
+  TORCH_CHECK_VALUE(radius >= -1, op, ": radius must be >= 0, or -1 for N // (4k), got ", radius);
+  return radius != -1 ? radius : (k > 0 ? N / (4 * k) : 0);
+}
+
+// The CUDA kernel runs one block per row.
+inline void check_nms_select_rows_cuda(const at::Tensor& scores) {
+  TORCH_CHECK_VALUE(scores.size(0) <= kNmsMaxFrames, "nms_select: scores has B=", scores.size(0),
+                    " rows, at most ", kNmsMaxFrames, " are supported on CUDA");
+}
+
+inline void check_scores_without_nan(bool has_nan) {
+  TORCH_CHECK_VALUE(!has_nan,
+                    "nms_select: scores contains NaN, expected finite or +-inf scores (use -inf for unwanted frames)");
+}
+
+// ---------------------------------------------------------------- kv_gather
+
+inline void check_kv_gather_args(const char* op, const at::Tensor& k, const at::Tensor& v, const at::Tensor& idx) {
+  check_rank(op, "k", k, 4, "[B, H, L, D]");
+  check_rank(op, "v", v, 4, "[B, H, L, D]");
+  check_float(op, "k", k);
+  TORCH_CHECK_VALUE(v.sizes() == k.sizes(), op, ": v must have the shape of k ", shape_str(k), ", got ",
+                    shape_str(v));
+  TORCH_CHECK_VALUE(v.scalar_type() == k.scalar_type(), op, ": v must have the dtype of k (",
+                    dtype_name(k.scalar_type()), "), got ", dtype_name(v.scalar_type()));
+  TORCH_CHECK_VALUE(idx.scalar_type() == at::kLong, op, ": idx must be torch.int64, got ",
+                    dtype_name(idx.scalar_type()));
+  TORCH_CHECK_VALUE(idx.dim() == 2 || idx.dim() == 3, op,
+                    ": idx must be a 2-D tensor [B, L'] or a 3-D tensor [B, H, L'], got shape ", shape_str(idx));
+  const int64_t B = k.size(0), H = k.size(1);
+  TORCH_CHECK_VALUE(idx.size(0) == B && (idx.dim() == 2 || idx.size(1) == H), op, ": idx must have shape [B=", B,
+                    ", L'] or [B=", B, ", H=", H, ", L'], got ", shape_str(idx));
+  TORCH_CHECK_VALUE(v.device() == k.device() && idx.device() == k.device(), op,
+                    ": all tensors must be on one device, got k on ", k.device().str(), ", v on ", v.device().str(),
+                    ", idx on ", idx.device().str());
+}
+
+inline void check_gather_out(const char* op, const char* name, const at::Tensor& out, const at::Tensor& k,
+                             int64_t L_out) {
+  const int64_t B = k.size(0), H = k.size(1), D = k.size(3);
+  TORCH_CHECK_VALUE(out.dim() == 4 && out.size(0) == B && out.size(1) == H && out.size(2) == L_out &&
+                        out.size(3) == D,
+                    op, ": ", name, " must have shape [", B, ", ", H, ", ", L_out, ", ", D, "], got ", shape_str(out));
+  TORCH_CHECK_VALUE(out.scalar_type() == k.scalar_type(), op, ": ", name, " must have the dtype of k (",
+                    dtype_name(k.scalar_type()), "), got ", dtype_name(out.scalar_type()));
+}
+
+// The out buffers may overlap k and v (the kernel then goes through a temporary), but not each
+// other and not themselves.
+inline void check_kv_gather_out_args(const at::Tensor& k, const at::Tensor& v, const at::Tensor& idx,
+                                     const at::Tensor& out_k, const at::Tensor& out_v) {
+  constexpr const char* op = "kv_gather_out";
+  check_kv_gather_args(op, k, v, idx);
+  check_gather_out(op, "out_k", out_k, k, idx.size(-1));
+  check_gather_out(op, "out_v", out_v, k, idx.size(-1));
+  TORCH_CHECK_VALUE(out_k.device() == k.device() && out_v.device() == k.device(), op,
+                    ": all tensors must be on one device, got k on ", k.device().str(), ", out_k on ",
+                    out_k.device().str(), ", out_v on ", out_v.device().str());
+  check_no_self_overlap(op, "out_k", out_k);
+  check_no_self_overlap(op, "out_v", out_v);
+  TORCH_CHECK_VALUE(!memory_overlaps(out_k, out_v), op, ": out_k and out_v must not overlap in memory");
+}
+
+// idx: contiguous int64 on the CPU. One pass for the min and the max, before any row is copied.
+inline void check_index_values(const char* op, const at::Tensor& idx, int64_t L) {
+  const int64_t n = idx.numel();
+  if (n == 0) return;
+  const int64_t* p = idx.data_ptr<int64_t>();
+  int64_t lo = std::numeric_limits<int64_t>::max(), hi = std::numeric_limits<int64_t>::min();
+  for (int64_t i = 0; i < n; ++i) {
+    lo = std::min(lo, p[i]);
+    hi = std::max(hi, p[i]);
+  }
+  TORCH_CHECK_VALUE(lo >= 0 && hi < L, op, ": idx values must be in [0, L=", L, "), got min ", lo, ", max ", hi);
 }
 
 }  // namespace retake

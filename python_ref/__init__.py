@@ -2,7 +2,8 @@
 
 Obvious over fast: these define what the kernels must compute, and they are
 what the ops fall back to when the compiled library is missing. They assume
-arguments that already passed the op's checks.
+arguments that already passed the op's checks, and import nothing of retake_ops
+(the package imports them, never the other way round).
 """
 from .attn_scores import attn_scores
 from .dpselect import dpselect, target_frames

@@ -6,6 +6,10 @@ G = Hq // Hkv) and over the query rows i of softmax_j(scale * q[b,g,i] . k[b,h,j
 Causal masking is bottom-right aligned as in flash-attention: query i sees the keys
 j <= Lk - Lq + i. When Lq > Lk the first Lq - Lk query rows see no key at all; such
 a row has no softmax and contributes nothing (zero) to every key, on every path.
+
+A NaN among a row's logits (or a +inf, which softmax turns into NaN) makes that row's
+softmax NaN: the row adds NaN to every key it sees, never zeros; a key hidden from the
+row gets nothing from it.
 """
 import torch
 
@@ -32,8 +36,9 @@ def attn_scores(q: torch.Tensor, k: torch.Tensor, scale: float | None = None,
     if causal:
         visible = causal_visible(Lq, Lk, q.device)
         s = s.masked_fill(~visible, float("-inf"))
-        # A row that sees no key is all -inf and softmaxes to NaN: it contributes nothing.
-        p = torch.softmax(s, dim=-1).masked_fill(~visible.any(dim=-1, keepdim=True), 0.0)
+        # Hidden keys get nothing from a row, also from a row that sees no key (all -inf,
+        # softmaxed to NaN) or a NaN row (NaN everywhere after the softmax).
+        p = torch.softmax(s, dim=-1).masked_fill(~visible, 0.0)
     else:
         p = torch.softmax(s, dim=-1)
     return p.sum(dim=(2, 3))

@@ -1,9 +1,7 @@
 """Reference for retake::dpselect: keep frames peaks-first down to a budget."""
 import torch
 
-from retake_ops.ops._checks import nonfinite_message
-
-from .frame_distance import frame_distance
+from .frame_distance import frame_distance, nonfinite_message
 from .local_peaks import local_peaks
 
 
@@ -17,7 +15,7 @@ def dpselect(feats: torch.Tensor, num_frames: int, window: int = 3, sync: bool =
     """Rank frames peaks first, then by larger distance, then by lower index; keep the
     first num_frames, ascending. Returns (idx int64, is_pivot bool), [B, k] or [B, k, N]."""
     if check_finite and not torch.isfinite(feats).all():
-        raise ValueError(nonfinite_message("dpselect", "feats"))
+        raise ValueError(nonfinite_message("dpselect"))
     d = frame_distance(feats, sync=sync, check_finite=False)
     if not sync:
         d = d.transpose(1, 2)  # [B, N, T]: every patch ranks its own column

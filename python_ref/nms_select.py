@@ -18,8 +18,9 @@ def nms_select(scores: torch.Tensor, k: int, radius: int = -1) -> torch.Tensor:
     index) and suppress every frame j with |i - j| <= radius. -inf frames never take
     part in this phase (they neither win nor suppress). Once no frame is left, take
     the best frames not yet taken (same order: score desc, index asc, -inf last).
+    Scores are compared in fp32, or in fp64 when they are fp64: never rounded.
     """
-    s = scores.float()
+    s = scores.to(torch.promote_types(scores.dtype, torch.float32))
     if torch.isnan(s).any():
         raise ValueError(NAN_MESSAGE)
     B, N = s.shape

@@ -32,8 +32,8 @@ def pivot_scores(q: torch.Tensor, k: torch.Tensor, scale: float | None = None,
         visible = causal_visible(Lq, Lk, q.device)
         logits = logits.masked_fill(~visible, float("-inf"))
     weights = torch.softmax(logits, dim=-1, dtype=acc)
-    if causal:  # a query row that sees no key contributes nothing, as in attn_scores
-        weights = weights.masked_fill(~visible.any(dim=-1, keepdim=True), 0.0)
+    if causal:  # hidden keys get nothing from a row (one without keys, or a NaN one), as in attn_scores
+        weights = weights.masked_fill(~visible, 0.0)
     weights = weights.to(q.dtype).sum(2)                       # [B, Hq, Lk]
     weights = weights.reshape(B, Hkv, Hq // Hkv, Lk).mean(2)   # [B, Hkv, Lk]
     return weights.mean(1)                                     # [B, Lk]

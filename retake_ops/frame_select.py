@@ -8,7 +8,7 @@ Scorer interface: ``scores = scorer(frames_or_features, question)`` with
   frames_or_features: pixels [B, N, H, W, C] (channels last, as the video's dtype,
                       usually uint8) or precomputed features [B, N, D];
   question:           one str for every row, or a sequence of B str;
-  scores:             float [B, N], higher = more relevant.
+  scores:             real [B, N] (floating point or integer), higher = more relevant.
 Any callable with that signature works (e.g. a trained selector model); this module
 ships the uniform baseline (UniformScorer) and CLIP/SigLIP similarity (SimilarityScorer).
 """
@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .ops._checks import FLOAT_DTYPES, shape_str
+from .checks import FLOAT_DTYPES, check_int, shape_str
 from .ops.nms_select import nms_select
 
 Scorer = Callable[[Tensor, "str | Sequence[str]"], Tensor]
@@ -28,6 +28,8 @@ CHANNELS = (1, 3)  # grey or RGB
 def uniform_indices(T: int, k: int) -> Tensor:
     """k evenly spaced frames out of T, int64 [k] ascending: the centres of k equal
     segments, ((2i + 1) * T) // (2k). Distinct for 0 <= k <= T; k = T gives every frame."""
+    check_int("uniform_indices", "T", T)
+    check_int("uniform_indices", "k", k)
     if T < 0 or not 0 <= k <= T:
         raise ValueError(f"uniform_indices: need 0 <= k <= T, got T={T}, k={k}")
     return (2 * torch.arange(k, dtype=torch.int64) + 1) * T // (2 * k) if k else torch.empty(0, dtype=torch.int64)
@@ -130,7 +132,8 @@ class SimilarityScorer:
 class FrameSelection(NamedTuple):
     """What select_frames returns. indices: int64 [k] ascending frame numbers in the video;
     frames: video[indices], [k, ...] in the video's own layout; candidates: int64 [N] the
-    frames that were scored; scores: fp32 [N] their scores (zeros for the uniform baseline)."""
+    frames that were scored; scores: [N] their scores as the scorer returned them (its dtype;
+    fp32 zeros for the uniform baseline)."""
     indices: Tensor
     frames: Tensor
     candidates: Tensor
@@ -149,6 +152,30 @@ def _channels_last(video: Tensor, layout: str | None) -> bool:
                      "layout='THWC' or layout='TCHW'")
 
 
+# fp32 holds every integer up to 2^24 exactly: the largest rank ranking_scores may produce.
+MAX_RANKED = 1 << 24
+
+
+def ranking_scores(scores: Tensor) -> Tensor:
+    """Scores that nms_select ranks exactly as `scores`, never rounded: fp16/bf16/fp32 as they
+    are; float64 and integer scores as their fp32 dense ranks (the same order and the same
+    ties, -inf kept as -inf and NaN as NaN, so nms_select's rules for them still apply).
+    Bool and complex scores raise ValueError: they are no relevance."""
+    if scores.dtype in FLOAT_DTYPES:
+        return scores
+    if scores.dtype == torch.bool or scores.is_complex():
+        raise ValueError(f"select_frames: scorer must return real scores (floating point or integer), "
+                         f"got {scores.dtype}")
+    if scores.numel() > MAX_RANKED:
+        raise ValueError(f"select_frames: {scores.dtype} scores are ranked exactly through fp32 ranks, "
+                         f"which holds at most {MAX_RANKED} candidates, got {scores.numel()}")
+    ranks = torch.unique(scores, sorted=True, return_inverse=True)[1].float()
+    if scores.is_floating_point():
+        ranks = torch.where(scores == float("-inf"), float("-inf"), ranks)
+        ranks = torch.where(scores.isnan(), float("nan"), ranks)
+    return ranks
+
+
 def select_frames(video, question, k: int, scorer: Scorer | None = None, candidates: int = 128,
                   radius: int = -1, layout: str | None = None) -> FrameSelection:
     """Pick k frames of one video for a question.
@@ -158,9 +185,13 @@ def select_frames(video, question, k: int, scorer: Scorer | None = None, candida
     unless given. min(candidates, T) frames are sampled uniformly (uniform_indices),
     handed to scorer as [1, N, H, W, C] (channels last) and scored, then nms_select
     picks k of them with `radius` counted in candidate positions (-1: N // (4k)).
+    k, candidates and radius are ints. The scorer's scores are ranked in their own precision
+    (float64 and integer scores exactly, see ranking_scores; bool or complex scores raise).
     scorer=None is the uniform baseline (UniformScorer): k evenly spaced frames of the
     whole video, without NMS. Returns a FrameSelection; indices index the video.
     """
+    for name, value in (("k", k), ("candidates", candidates), ("radius", radius)):
+        check_int("select_frames", name, value)
     video = torch.as_tensor(video)
     if video.dim() != 4:
         raise ValueError(f"select_frames: video must be a 4-D tensor [T, H, W, C] or [T, C, H, W], "
@@ -187,8 +218,7 @@ def select_frames(video, question, k: int, scorer: Scorer | None = None, candida
     if not isinstance(scores, Tensor) or scores.shape != (1, N):
         got = shape_str(scores) if isinstance(scores, Tensor) else type(scores).__name__
         raise ValueError(f"select_frames: scorer must return scores [1, {N}] (one per candidate frame), got {got}")
-    if scores.dtype not in FLOAT_DTYPES:
-        scores = scores.float()
-    picked = nms_select(scores, k, radius)[0]
+    # The picks are indices: no gradient to carry, so a scorer's autograd graph is left behind.
+    picked = nms_select(ranking_scores(scores.detach()), k, radius)[0]
     idx = cand[picked.to(cand.device)]
-    return FrameSelection(idx, video[idx], cand, scores[0].float())
+    return FrameSelection(idx, video[idx], cand, scores[0])

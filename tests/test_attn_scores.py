@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 import retake_ops
 from retake_ops import ref
-from retake_ops.ops import attn_scores as attn_op
+from retake_ops.kernels import attn_scores as attn_kernel
 
 RTOL, ATOL = 1e-4, 1e-5
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -68,16 +68,35 @@ def test_cpu_long(causal):
 
 @pytest.mark.parametrize("budget", [40_000, 300_000])
 @pytest.mark.parametrize("causal", [False, True])
-def test_cpu_blocked_passes(monkeypatch, budget, causal):
+def test_cpu_blocked_passes(budget, causal):
     """Budgets too small for one key block per row block force the two-pass loop
     (40 kB: 1-key ... few-key blocks; 300 kB: several row and key blocks)."""
     B, Hq, Hkv, Lq, Lk, D = 2, 8, 2, 150, 230, 64
-    rows, cols = attn_op.cpu_blocks(Hq // Hkv, Lq, Lk, D, budget)
-    assert cols < Lk and rows < Lq
-    monkeypatch.setattr(attn_op, "CPU_SCRATCH_BYTES", budget)
+    pairs, rows, cols = attn_kernel.cpu_blocks(B * Hkv, Hq // Hkv, Lq, Lk, D, budget)
+    assert pairs == 1 and cols < Lk and rows < Lq
     q, k = make_qk(B, Hq, Hkv, Lq, Lk, D, torch.float32)
-    out = torch.ops.retake.attn_scores(q, k, 0.3, causal)
+    out = attn_kernel.attn_scores_cpu(q, k, 0.3, causal, scratch_bytes=budget)
     torch.testing.assert_close(out, expected(q, k, 0.3, causal), rtol=RTOL, atol=ATOL)
+
+
+# (B, Hq, Hkv, L, D, budget, pairs per block): whole pairs batched, split over batch rows
+# (pairs >= Hkv, a remainder block) or over the heads of one batch row (pairs < Hkv).
+BATCHED = [
+    (256, 32, 32, 16, 64, attn_kernel.CPU_SCRATCH_BYTES, 6636),
+    (5, 6, 3, 40, 32, 200_000, 6),
+    (3, 10, 5, 24, 16, 23_000, 2),
+    (7, 4, 1, 9, 128, attn_kernel.CPU_SCRATCH_BYTES, 7),
+]
+
+
+@pytest.mark.parametrize("B,Hq,Hkv,L,D,budget,pairs", BATCHED)
+@pytest.mark.parametrize("causal", [False, True])
+def test_cpu_many_short_pairs_are_batched(B, Hq, Hkv, L, D, budget, pairs, causal):
+    """Many (batch, kv head) pairs with short L run as batched blocks of whole pairs."""
+    assert attn_kernel.cpu_blocks(B * Hkv, Hq // Hkv, L, L, D, budget) == (pairs, L, L)
+    q, k = make_qk(B, Hq, Hkv, L, L, D, torch.bfloat16)
+    out = attn_kernel.attn_scores_cpu(q, k, None, causal, scratch_bytes=budget)
+    torch.testing.assert_close(out, expected(q, k, None, causal), rtol=RTOL, atol=ATOL)
 
 
 def peak_allocated_bytes(fn):
@@ -96,18 +115,23 @@ def peak_allocated_bytes(fn):
     return peak
 
 
-@pytest.mark.parametrize("budget,one_key_block", [(1 << 20, False), (4 << 20, True)])
+@pytest.mark.parametrize("shape,budget,one_key_block", [
+    ((1, 8, 2, 1024, 1024, 64), 1 << 20, False),
+    ((1, 8, 2, 1024, 1024, 64), 4 << 20, True),
+    ((64, 8, 8, 64, 64, 64), 1 << 20, True),  # many short pairs: batched blocks of whole pairs
+])
 @pytest.mark.parametrize("causal", [False, True])
-def test_cpu_scratch_is_bounded(monkeypatch, budget, one_key_block, causal):
+def test_cpu_scratch_is_bounded(shape, budget, one_key_block, causal):
     """The CPU kernel's peak allocation stays within its scratch budget (1 MiB: key blocks,
-    two passes; 4 MiB: all keys in one block), where the materialized reference needs the
-    whole Hq x Lq x Lk fp32 softmax (32 MiB here)."""
-    B, Hq, Hkv, Lq, Lk, D = 1, 8, 2, 1024, 1024, 64
-    assert (attn_op.cpu_blocks(Hq // Hkv, Lq, Lk, D, budget)[1] == Lk) == one_key_block
-    monkeypatch.setattr(attn_op, "CPU_SCRATCH_BYTES", budget)
+    two passes; 4 MiB: all keys in one block; 1 MiB over 512 short pairs: a few pairs per
+    block), where the materialized reference needs the whole Hq x Lq x Lk fp32 softmax
+    (32 MiB here)."""
+    B, Hq, Hkv, Lq, Lk, D = shape
+    assert (attn_kernel.cpu_blocks(B * Hkv, Hq // Hkv, Lq, Lk, D, budget)[2] == Lk) == one_key_block
     q, k = make_qk(B, Hq, Hkv, Lq, Lk, D, torch.bfloat16)
     result = {}
-    peak = peak_allocated_bytes(lambda: result.setdefault("out", attn_op.attn_scores_cpu(q, k, None, causal)))
+    peak = peak_allocated_bytes(
+        lambda: result.setdefault("out", attn_kernel.attn_scores_cpu(q, k, None, causal, scratch_bytes=budget)))
     out_bytes = B * Hkv * Lk * 4
     # The budget bounds the block scratch; allow the output and O(rows + keys) temporaries
     # (row statistics, key sums) on top.
@@ -119,9 +143,9 @@ def test_cpu_scratch_is_bounded(monkeypatch, budget, one_key_block, causal):
 
 def test_cpu_default_budget_single_key_block():
     """The default 64 MiB budget covers a 16k-key row block in one pass over the keys."""
-    rows, cols = attn_op.cpu_blocks(4, 16384, 16384, 64, attn_op.CPU_SCRATCH_BYTES)
-    assert cols == 16384 and rows >= 64
-    assert 4 * rows * cols * 5 + cols * (64 * 4 + 8) + 4 * rows * (64 * 4 + 16) <= 64 << 20
+    pairs, rows, cols = attn_kernel.cpu_blocks(1, 4, 16384, 16384, 64, attn_kernel.CPU_SCRATCH_BYTES)
+    assert pairs == 1 and cols == 16384 and rows >= 64
+    assert attn_kernel.block_bytes(4, rows, cols, 64) <= 64 << 20
 
 
 def test_cpu_non_contiguous_and_zero_sizes():
@@ -161,6 +185,80 @@ def test_reference_rows_without_keys_contribute_nothing():
     torch.testing.assert_close(ref.attn_scores(q, k, None, True), want)
     torch.testing.assert_close(torch.ops.retake.attn_scores(q.float(), k.float(), None, True),
                                want.float())
+
+
+# ---------------------------------------------------------------- NaN rule (CPU kernel paths and reference)
+
+def cpu_paths(q, k, causal):
+    """The CPU kernel's one-pass (batched pairs) and two-pass (key blocks) paths."""
+    return {"one_pass": attn_kernel.attn_scores_cpu(q, k, None, causal),
+            "two_pass": attn_kernel.attn_scores_cpu(q, k, None, causal, scratch_bytes=20_000),
+            "op": torch.ops.retake.attn_scores(q, k, None, causal)}
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+@pytest.mark.parametrize("Lq,Lk,row", [(40, 40, 7), (30, 50, 0), (50, 30, 25), (50, 30, 3)])
+def test_bad_query_row_makes_its_keys_nan(causal, bad, Lq, Lk, row):
+    """A NaN (or +inf: softmax gives NaN) in one query row: that row adds NaN to every key it
+    sees, never zeros; keys hidden from it (causal) and the other heads' keys stay finite.
+    Row 3 of Lq=50 > Lk=30 sees no key under causal: it contributes nothing at all."""
+    B, Hq, Hkv, D = 2, 4, 2, 16
+    q, k = make_qk(B, Hq, Hkv, Lq, Lk, D, torch.float32, seed=row)
+    q[1, 3, row, 5] = bad  # head 3 belongs to kv head 1 (G = 2)
+    shift = Lk - Lq if causal else Lk
+    sees = torch.arange(Lk) <= row + shift
+    want = expected(q, k, None, causal)
+    assert torch.equal(want[1, 1].isnan(), sees)
+    assert not want[0].isnan().any() and not want[1, 0].isnan().any()
+    for path, out in cpu_paths(q, k, causal).items():
+        torch.testing.assert_close(out, want, rtol=RTOL, atol=ATOL, equal_nan=True, msg=path)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("key", [0, 17, 39])
+def test_nan_key_makes_every_key_of_its_head_nan(causal, key):
+    """A NaN key is seen by the last query row, which sees every key: all of that kv head's keys
+    are NaN (the other heads are untouched)."""
+    q, k = make_qk(1, 4, 2, 25, 40, 16, torch.float32, seed=key)
+    k[0, 0, key, 2] = float("nan")
+    want = expected(q, k, None, causal)
+    assert want[0, 0].isnan().all() and not want[0, 1].isnan().any()
+    for path, out in cpu_paths(q, k, causal).items():
+        torch.testing.assert_close(out, want, rtol=RTOL, atol=ATOL, equal_nan=True, msg=path)
+
+
+def test_reference_follows_the_nan_rule():
+    """By hand: Lq = Lk = 3, causal, row 0 (which sees key 0 only) has a NaN query."""
+    q = torch.zeros(1, 1, 3, 4, dtype=torch.float64)
+    k = torch.zeros(1, 1, 3, 4, dtype=torch.float64)
+    q[0, 0, 0, 0] = float("nan")
+    # Rows 1 and 2 spread 1 evenly over keys 0..1 and 0..2; row 0 makes key 0 NaN only.
+    want = torch.tensor([[[float("nan"), 1 / 2 + 1 / 3, 1 / 3]]], dtype=torch.float64)
+    torch.testing.assert_close(ref.attn_scores(q, k, None, True), want, equal_nan=True)
+    torch.testing.assert_close(torch.ops.retake.attn_scores(q.float(), k.float(), None, True), want.float(),
+                               equal_nan=True)
+
+
+# ---------------------------------------------------------------- autograd, torch.compile
+
+def test_requires_grad_raises_at_call_time():
+    q, k = make_qk(1, 4, 2, 9, 13, 16, torch.float32)
+    k.requires_grad_()
+    with pytest.raises(RuntimeError, match=r"attn_scores: inference-only \(no gradient\), but k requires grad"):
+        retake_ops.attn_scores(q, k)
+    with torch.inference_mode():
+        out = retake_ops.attn_scores(q, k)
+    assert not out.requires_grad
+    torch.testing.assert_close(out, expected(q, k.detach()), rtol=RTOL, atol=ATOL)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_compiles_with_torch_compile(causal):
+    q, k = make_qk(2, 6, 2, 9, 13, 32, torch.bfloat16)
+    fn = torch.compile(lambda q, k: retake_ops.attn_scores(q, k, causal=causal).sum(-1), backend="aot_eager",
+                       fullgraph=True)
+    torch.testing.assert_close(fn(q, k), expected(q, k, None, causal).sum(-1), rtol=RTOL, atol=1e-4)
 
 
 @pytest.mark.parametrize("scale,causal", [(None, False), (0.2, True)])
@@ -273,6 +371,26 @@ def test_triton_property(Hkv, G, Lq, Lk, D, causal, seed):
     q, k = make_qk(1, G * Hkv, Hkv, Lq, Lk, D, torch.float16, seed)
     out = run_triton(q, k, None, causal)
     torch.testing.assert_close(out, expected(q, k, None, causal), rtol=RTOL, atol=ATOL)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+@pytest.mark.parametrize("Lq,Lk,row", [(40, 40, 7), (30, 50, 0), (50, 30, 25), (50, 30, 3)])
+def test_triton_bad_query_row_makes_the_keys_it_sees_nan(causal, bad, Lq, Lk, row):
+    """The rule of test_bad_query_row_makes_its_keys_nan on the Triton kernel (NaN reaches the
+    keys the row sees through its lse, whatever the GPU's max makes of NaN)."""
+    q, k = make_qk(2, 4, 2, Lq, Lk, 16, torch.float32, seed=row)
+    q[1, 3, row, 5] = bad
+    torch.testing.assert_close(run_triton(q, k, None, causal), expected(q, k, None, causal), rtol=RTOL, atol=ATOL,
+                               equal_nan=True)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_triton_nan_key(causal):
+    q, k = make_qk(1, 4, 2, 25, 40, 16, torch.float32, seed=3)
+    k[0, 0, 17, 2] = float("nan")
+    out = run_triton(q, k, None, causal)
+    assert out[0, 0].isnan().all() and not out[0, 1].isnan().any()
 
 
 def test_shipped_configs_cover_dispatch():

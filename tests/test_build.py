@@ -51,6 +51,10 @@ def test_falls_back_to_the_reference_without_the_compiled_library(tmp_path):
             assert "num_frames must be in [0, T=30], got 31" in str(e)
         else:
             raise AssertionError("no error")
+        # No frames: the fallback bodies run the references, which handle T = 0.
+        empty = torch.randn(2, 0, 3, 16)
+        assert retake_ops.dpselect(empty, 0)[0].shape == (2, 0) and retake_ops.frame_distance(empty).shape == (2, 0)
+        assert retake_ops.local_peaks(torch.empty(3, 0)).shape == (3, 0)
         # Every other op runs through its fallback body too.
         scores = torch.randn(2, 50)
         assert torch.equal(retake_ops.nms_select(scores, 6), retake_ops.ref.nms_select(scores, 6))

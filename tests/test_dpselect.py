@@ -219,3 +219,52 @@ def test_property_matches_reference(B, T, N, C, window, sync, data):
 def test_property_repeated_shots_tie_exactly_and_match_reference(pattern, data):
     feats = shots(pattern, N=2, C=8)
     assert_same_as_reference(feats, data.draw(st.integers(0, len(pattern))), sync=data.draw(st.booleans()))
+
+
+@pytest.mark.parametrize("scale", [1e20, 1e30, 1e-30])
+@pytest.mark.parametrize("sync", [True, False])
+def test_features_at_any_magnitude(scale, sync):
+    """Features whose squares overflow (or underflow) fp32 rank exactly as the same features at
+    magnitude 1: the cosine distance does not depend on the scale, unless the eps clamp does."""
+    feats = make_feats(2, 40, 3, 16, seed=21)
+    scaled = (feats.double() * scale).float()
+    assert scaled.isfinite().all()
+    for k in (1, 10, 40):
+        idx, piv = assert_same_as_reference(scaled, k, sync=sync)
+        if scale > 1:
+            want_idx, want_piv = select(feats, k, sync=sync)
+            assert torch.equal(idx, want_idx) and torch.equal(piv, want_piv)
+
+
+@pytest.mark.parametrize("sync", [True, False])
+def test_empty_time_axis(sync):
+    feats = torch.randn(2, 0, 3, 8)
+    for fn in (select, retake_ops.ref.dpselect):
+        idx, piv = fn(feats, 0, 3, sync)
+        assert idx.shape == piv.shape == ((2, 0) if sync else (2, 0, 3))
+
+
+def test_requires_grad_raises_at_call_time():
+    feats = make_feats(1, 10, 2, 8).requires_grad_()
+    with pytest.raises(RuntimeError, match=r"dpselect: inference-only \(no gradient\), but feats requires grad"):
+        retake_ops.dpselect(feats, 3)
+    with torch.no_grad():
+        assert torch.equal(retake_ops.dpselect(feats, 3)[0], retake_ops.dpselect(feats.detach(), 3)[0])
+
+
+@pytest.mark.parametrize("sync", [True, False])
+def test_compiles_with_torch_compile(sync):
+    feats = make_feats(2, 30, 3, 16, seed=22)
+    fn = torch.compile(lambda x: retake_ops.dpselect(x, 7, 3, sync), backend="aot_eager", fullgraph=True)
+    got, want = fn(feats), select(feats, 7, sync=sync)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+@pytest.mark.parametrize("T, ratio, msg", [
+    (10.0, 0.5, r"target_frames: T must be an int, got 10.0 \(float\)"),
+    (True, 0.5, r"target_frames: T must be an int, got True \(bool\)"),
+    (10, "0.5", r"target_frames: ratio must be in \(0, 1\], got '0.5'"),
+])
+def test_target_frames_rejects_non_numbers(T, ratio, msg):
+    with pytest.raises(ValueError, match=msg):
+        retake_ops.target_frames(T, ratio)

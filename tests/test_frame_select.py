@@ -242,3 +242,101 @@ def test_select_frames_with_tiny_clip_on_a_synthetic_video(clip, processor):
     direct = scorer(video[cand][None], "when does the red stripe move?")
     torch.testing.assert_close(sel.scores, direct[0], rtol=0, atol=0)
     assert sel.indices.tolist() == cand[retake_ops.ref.nms_select(direct, 8)[0]].tolist()
+
+
+# ---------------------------------------------------------------------------- scores in their own precision
+
+def returning(scores):
+    """A scorer that returns fixed scores [1, N] whatever the frames."""
+    return lambda frames, question: scores
+
+
+def expected_picks(video_T, levels, k, radius):
+    """The frames greedy NMS picks (every frame a candidate) by fp32 `levels` that order and
+    tie exactly as the scores under test."""
+    return uniform_indices(video_T, video_T)[retake_ops.ref.nms_select(levels, k, radius)[0]].tolist()
+
+
+def test_float64_near_ties_are_not_rounded():
+    """1 + 1e-12 and 1 + 2e-12 are one value in fp32: rounded, the wrong frames would win."""
+    s = torch.tensor([[1.0, 1.0 + 1e-12, 0.5, 1.0 + 2e-12, 0.1, 0.2, 0.3, 0.4, 0.6, 0.7]], dtype=torch.float64)
+    video = video_thwc(T=10, H=4, W=4)
+    sel = select_frames(video, "q", 2, scorer=returning(s), radius=0)
+    assert sel.indices.tolist() == [1, 3] == expected_picks(10, torch.tensor([[10.0, 11, 5, 12, 1, 2, 3, 4, 6, 7]]), 2, 0)
+    assert sel.scores.dtype == torch.float64 and torch.equal(sel.scores, s[0])
+
+
+@pytest.mark.parametrize("radius", [-1, 0, 1, 3])
+@pytest.mark.parametrize("k", [1, 5, 12])
+def test_float64_scores_rank_exactly(radius, k):
+    """Scores 1 + level * 1e-10: fp32 rounds them all to 1.0; -inf frames included."""
+    g = torch.Generator().manual_seed(radius + 10 * k)
+    levels = torch.randint(0, 50, (1, 40), generator=g).float()  # ties included
+    levels[0, torch.randperm(40, generator=g)[:6]] = float("-inf")
+    s = 1.0 + levels.double() * 1e-10
+    assert (s.float()[levels.isfinite()] == 1.0).all()
+    video = video_thwc(T=40, H=4, W=4)
+    sel = select_frames(video, "q", k, scorer=returning(s), radius=radius)
+    assert sel.indices.tolist() == expected_picks(40, levels, k, radius)
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.uint8])
+def test_integer_scores_rank_exactly(dtype):
+    base = {torch.int64: 1 << 40, torch.int32: 1 << 25, torch.uint8: 0}[dtype]
+    g = torch.Generator().manual_seed(3)
+    levels = torch.randperm(30, generator=g)[None] // 2  # ties included
+    s = (base + levels * (1 if dtype != torch.uint8 else 7)).to(dtype)
+    video = video_thwc(T=30, H=4, W=4)
+    for k, radius in ((4, 0), (6, 2), (30, -1)):
+        sel = select_frames(video, "q", k, scorer=returning(s), radius=radius)
+        assert sel.indices.tolist() == expected_picks(30, levels.float(), k, radius)
+
+
+def test_float64_nan_scores_raise():
+    s = torch.zeros(1, 10, dtype=torch.float64)
+    s[0, 4] = float("nan")
+    with pytest.raises(ValueError, match=r"nms_select: scores contains NaN"):
+        select_frames(video_thwc(T=10, H=4, W=4), "q", 2, scorer=returning(s))
+
+
+@pytest.mark.parametrize("dtype", [torch.bool, torch.complex64, torch.complex128])
+def test_rejects_scores_that_are_not_real_numbers(dtype):
+    s = torch.ones(1, 10, dtype=dtype)
+    with pytest.raises(ValueError, match=rf"select_frames: scorer must return real scores \(floating point or "
+                                         rf"integer\), got {dtype}"):
+        select_frames(video_thwc(T=10, H=4, W=4), "q", 2, scorer=returning(s))
+
+
+def test_scores_that_require_grad_are_ranked_and_returned_as_they_are():
+    s = torch.randn(1, 10, requires_grad=True)
+    sel = select_frames(video_thwc(T=10, H=4, W=4), "q", 3, scorer=lambda f, q: s * 2, radius=0)
+    assert sel.indices.tolist() == sorted((s * 2).topk(3).indices[0].tolist())
+    assert sel.scores.requires_grad
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(k=2.0), r"select_frames: k must be an int, got 2.0 \(float\)"),
+    (dict(k=True), r"select_frames: k must be an int, got True \(bool\)"),
+    (dict(k="2"), r"select_frames: k must be an int, got '2' \(str\)"),
+    (dict(candidates=8.5), r"select_frames: candidates must be an int, got 8.5 \(float\)"),
+    (dict(radius=1.0), r"select_frames: radius must be an int, got 1.0 \(float\)"),
+])
+@pytest.mark.parametrize("scorer", [None, brightness], ids=["uniform", "scorer"])
+def test_select_frames_rejects_non_int_counts(kwargs, message, scorer):
+    args = dict(video=video_thwc(), question="q", k=3, scorer=scorer)
+    args.update(kwargs)
+    with pytest.raises(ValueError, match=message):
+        select_frames(**args)
+
+
+def test_select_frames_accepts_numpy_ints():
+    np = pytest.importorskip("numpy")
+    sel = select_frames(video_thwc(T=20, H=4, W=4), "q", np.int64(3), scorer=brightness, candidates=np.int32(10))
+    assert sel.indices.shape == (3,)
+
+
+@pytest.mark.parametrize("T,k,message", [(10, 2.0, r"uniform_indices: k must be an int, got 2.0 \(float\)"),
+                                          (10.0, 2, r"uniform_indices: T must be an int, got 10.0 \(float\)")])
+def test_uniform_indices_rejects_non_ints(T, k, message):
+    with pytest.raises(ValueError, match=message):
+        uniform_indices(T, k)

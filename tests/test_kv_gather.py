@@ -2,6 +2,8 @@
 
 A gather moves bits, so every comparison is exact (torch.equal), whatever the dtype.
 """
+import math
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -9,7 +11,7 @@ from hypothesis import strategies as st
 
 import retake_ops
 from retake_ops import ref
-from retake_ops.ops.kv_gather import gather_into
+from retake_ops.kernels.kv_gather import gather_into
 from retake_ops.triton.kv_gather import kv_gather_triton
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -30,7 +32,7 @@ def make_idx(B, H, L, L_out, per_head, seed=1):
 
 def nan_like_gather(k, idx):
     B, H, _, D = k.shape
-    return torch.full((B, H, idx.shape[-1], D), float("nan"), dtype=k.dtype)
+    return torch.full((B, H, idx.shape[-1], D), float("nan"), dtype=k.dtype, device=k.device)
 
 
 def assert_same(got, want):
@@ -332,3 +334,142 @@ def test_inputs_without_unit_stride_along_d(gather):
         got = kv_gather_triton(k, v, idx, out_k, out_v)
     assert_same(got, ref.kv_gather(k, v, idx))
     assert_same(torch.ops.retake.kv_gather(k, v, idx), ref.kv_gather(k, v, idx))
+
+
+# ---------------------------------------------------------------- self-overlapping out buffers
+
+def self_overlapping(k, idx, pattern, device="cpu"):
+    """A [B, H, L', D] buffer of k's dtype whose elements share addresses."""
+    B, H, _, D = k.shape
+    L_out = idx.shape[-1]
+    base = torch.zeros(B * H * L_out * D, dtype=k.dtype, device=device)
+    if pattern == "expanded_b":
+        return base[:H * L_out * D].view(1, H, L_out, D).expand(B, H, L_out, D)
+    if pattern == "expanded_h":
+        return base[:B * L_out * D].view(B, 1, L_out, D).expand(B, H, L_out, D)
+    if pattern == "expanded_l":
+        return base[:B * H * D].view(B, H, 1, D).expand(B, H, L_out, D)
+    if pattern == "expanded_all":  # the reported case: every row is one memory row
+        return base[:D].view(1, 1, 1, D).expand(B, H, L_out, D)
+    if pattern == "expanded_d":
+        return base[:B * H * L_out].view(B, H, L_out, 1).expand(B, H, L_out, D)
+    if pattern == "rows_overlap":  # row i starts half a row after row i - 1
+        return base.as_strided((B, H, L_out, D), (H * L_out * D, L_out * D, D // 2, 1))
+    if pattern == "heads_overlap":  # head h starts one row after head h - 1
+        return base.as_strided((B, H, L_out, D), (H * L_out * D, D, D, 1))
+    raise AssertionError(pattern)
+
+
+OVERLAP_PATTERNS = ["expanded_b", "expanded_h", "expanded_l", "expanded_all", "expanded_d", "rows_overlap",
+                    "heads_overlap"]
+
+
+@pytest.mark.parametrize("pattern", OVERLAP_PATTERNS)
+@pytest.mark.parametrize("which", ["out_k", "out_v"])
+@pytest.mark.parametrize("device", ["cpu", "meta"])  # meta runs the Python checks of the fake kernel
+def test_rejects_self_overlapping_out_buffer(pattern, which, device):
+    k, v, idx = (t.to(device) for t in _good())
+    bad = self_overlapping(k, idx, pattern, device)
+    outs = {"out_k": nan_like_gather(k, idx).to(device), "out_v": nan_like_gather(v, idx).to(device)}
+    outs[which] = bad
+    shape, strides = list(bad.shape), list(bad.stride())
+    msg = (rf"kv_gather_out: {which} must not overlap itself \(an expanded or overlapping view would write "
+           rf"several elements to one address\), got shape \[{', '.join(map(str, shape))}\] with strides "
+           rf"\[{', '.join(map(str, strides))}\]")
+    with pytest.raises(ValueError, match=msg):
+        torch.ops.retake.kv_gather_out(k, v, idx, outs["out_k"], outs["out_v"])
+    if device == "cpu":
+        with pytest.raises(ValueError, match=msg):
+            retake_ops.kv_gather(k, v, idx, out_k=outs["out_k"], out_v=outs["out_v"])
+        assert bad.eq(0).all(), "nothing written"
+
+
+def test_accepts_every_layout_without_self_overlap():
+    """Slices, transposes and permutes of caches are free of self-overlap, also with L' = 1
+    or D = 1 (where any stride of that dim is fine)."""
+    k, v = make_kv(2, 3, 20, 8, torch.float32)
+    for L_out, D_view in ((5, 8), (1, 8)):
+        idx = make_idx(2, 3, 20, L_out, False)
+        want = ref.kv_gather(k, v, idx)
+        layouts = [
+            torch.full((2, 40, 3, 8), float("nan")).transpose(1, 2)[:, :, 7:7 + L_out],  # [B, L, H, D] cache
+            torch.full((3, 8, 2, 40), float("nan")).permute(2, 0, 3, 1)[:, :, 3:3 + L_out],  # D not innermost
+            torch.full((2, 3, 40, 16), float("nan"))[:, :, :L_out, ::2],  # every other column
+        ]
+        for out_k in layouts:
+            out_v = torch.full_like(want[1], float("nan"))
+            assert_same(retake_ops.kv_gather(k, v, idx, out_k=out_k, out_v=out_v), want)
+
+
+# ---------------------------------------------------------------- out buffers overlapping k and v
+
+def overlapping_cache(B, H, P, L, D, dtype, seed):
+    """A cache whose chunk [P, P + L) is gathered into [P + shift, ...) of the same memory."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(B, H, P + L + 8, D, generator=g).to(dtype), torch.randn(B, H, P + L + 8, D, generator=g).to(dtype)
+
+
+def reorderings(B, H, L, L_out, per_head, seed):
+    g = torch.Generator().manual_seed(seed)
+    shape = (B, H) if per_head else (B,)
+    rev = torch.arange(L - 1, L - 1 - L_out, -1).expand(*shape, L_out).clone()
+    perm = torch.stack([torch.randperm(L, generator=g)[:L_out] for _ in range(math.prod(shape))]).reshape(*shape, L_out)
+    return {"reversed": rev, "unsorted": perm}
+
+
+GATHERS = ["op", "triton", "fallback"]
+
+
+def gather_with(gather, k, v, idx, out_k, out_v):
+    if gather == "op":
+        retake_ops.kv_gather(k, v, idx, out_k=out_k, out_v=out_v)
+    elif gather == "triton":
+        kv_gather_triton(k, v, idx, out_k, out_v)
+    else:
+        gather_into("kv_gather_out", k, v, idx, out_k, out_v, True)
+
+
+@pytest.mark.parametrize("gather", GATHERS)
+@pytest.mark.parametrize("order", ["reversed", "unsorted"])
+@pytest.mark.parametrize("per_head", [False, True])
+@pytest.mark.parametrize("shift", [0, 3, -2])
+def test_out_overlapping_k_and_v_with_reordered_rows(gather, order, per_head, shift):
+    """Rows written in place would overwrite source rows that later output rows still read:
+    reversed and random orders over many rows (several work items of the C++ kernel, several
+    Triton programs) into the very memory of k and v (shift 0) or shifted by a few rows."""
+    B, H, P, L, D = 2, 2, 4, 600, 64
+    L_out = L if shift <= 0 else L - shift
+    cache_k, cache_v = overlapping_cache(B, H, P, L, D, torch.float32, seed=shift + 5)
+    idx = reorderings(B, H, L, L_out, per_head, seed=7)[order]
+    k, v = cache_k[:, :, P:P + L], cache_v[:, :, P:P + L]
+    want = ref.kv_gather(k.clone(), v.clone(), idx)
+    untouched_k = cache_k[:, :, :P + shift].clone()
+    out_k, out_v = cache_k[:, :, P + shift:P + shift + L_out], cache_v[:, :, P + shift:P + shift + L_out]
+    gather_with(gather, k, v, idx, out_k, out_v)
+    assert_same((out_k, out_v), want)
+    assert torch.equal(cache_k[:, :, :P + shift], untouched_k)
+
+
+@pytest.mark.parametrize("gather", GATHERS)
+def test_in_place_reversal_of_v_into_k_memory(gather):
+    """out_k is v's memory and out_v is k's memory: both inputs are overwritten by the gather."""
+    k, v = make_kv(1, 3, 500, 32, torch.bfloat16, seed=9)
+    idx = torch.arange(499, -1, -1)[None]
+    want = ref.kv_gather(k.clone(), v.clone(), idx)
+    gather_with(gather, k, v, idx, v, k)
+    assert_same((v, k), want)
+
+
+# ---------------------------------------------------------------- autograd
+
+def test_requires_grad():
+    """kv_gather raises at call time; kv_gather_out (a mutating op, which autograd cannot wrap)
+    fills its buffers without an autograd graph."""
+    k, v, idx = _good()
+    k.requires_grad_()
+    with pytest.raises(RuntimeError, match=r"kv_gather: inference-only \(no gradient\), but k requires grad"):
+        retake_ops.kv_gather(k, v, idx)
+    out_k, out_v = nan_like_gather(k, idx), nan_like_gather(v, idx)
+    retake_ops.kv_gather(k, v, idx, out_k=out_k, out_v=out_v)
+    assert not out_k.requires_grad and out_k.grad_fn is None
+    assert_same((out_k, out_v), ref.kv_gather(k.detach(), v, idx))

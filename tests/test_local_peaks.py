@@ -90,3 +90,26 @@ def test_opcheck():
 def test_property_ties_match_reference(values, window):
     x = torch.tensor(values, dtype=torch.float32)  # few distinct values: plateaus and ties everywhere
     assert torch.equal(retake_ops.local_peaks(x, window), retake_ops.ref.local_peaks(x, window))
+
+
+@pytest.mark.parametrize("shape", [(0,), (3, 0), (2, 0, 0)])
+def test_empty_curve_in_the_reference(shape):
+    """The reference is the fallback without the compiled library: no points, no peaks."""
+    x = torch.empty(shape)
+    for fn in (retake_ops.local_peaks, retake_ops.ref.local_peaks):
+        out = fn(x, 3)
+        assert out.dtype == torch.bool and out.shape == x.shape
+
+
+def test_requires_grad_raises_at_call_time():
+    dist = torch.randn(2, 30).requires_grad_()
+    with pytest.raises(RuntimeError, match=r"local_peaks: inference-only \(no gradient\), but dist requires grad"):
+        retake_ops.local_peaks(dist)
+    with torch.no_grad():
+        assert torch.equal(retake_ops.local_peaks(dist), retake_ops.ref.local_peaks(dist.detach()))
+
+
+def test_compiles_with_torch_compile():
+    x = torch.randn(3, 80, generator=torch.Generator().manual_seed(1))
+    fn = torch.compile(lambda d: retake_ops.local_peaks(d, 5), backend="aot_eager", fullgraph=True)
+    assert torch.equal(fn(x), retake_ops.ref.local_peaks(x, 5))

@@ -249,3 +249,26 @@ def test_fallback_without_the_compiled_library():
     """)
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd="/")
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
+
+
+def test_reference_ranks_float64_without_rounding():
+    """fp64 near-ties that fp32 would merge: the reference (the oracle of select_frames) keeps them."""
+    s = torch.tensor([[1.0, 1.0 + 1e-12, 0.5, 1.0 + 2e-12, 0.0]], dtype=torch.float64)
+    assert s.float()[0, :4:3].tolist() == [1.0, 1.0]  # fp32 ties them
+    assert ref.nms_select(s, 2, 0).tolist() == [[1, 3]]
+    assert ref.nms_select(s, 1, 1).tolist() == [[3]]
+
+
+def test_requires_grad_raises_at_call_time():
+    scores = torch.randn(2, 20).requires_grad_()
+    with pytest.raises(RuntimeError, match=r"nms_select: inference-only \(no gradient\), but scores requires grad"):
+        retake_ops.nms_select(scores, 3)
+    with torch.no_grad():
+        assert torch.equal(retake_ops.nms_select(scores, 3), ref.nms_select(scores.detach(), 3))
+
+
+@pytest.mark.parametrize("radius", [-1, 2])
+def test_compiles_with_torch_compile(radius):
+    scores = distinct_scores(3, 50, torch.float32, seed=7)
+    fn = torch.compile(lambda s: retake_ops.nms_select(s, 6, radius), backend="aot_eager", fullgraph=True)
+    assert torch.equal(fn(scores), ref.nms_select(scores, 6, radius))

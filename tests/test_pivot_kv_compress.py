@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 import retake_ops
 from retake_ops import ref
-from retake_ops.ops.pivot_kv_compress import select_tokens, token_scores
+from retake_ops.kernels.pivot_kv_compress import select_tokens, token_scores
 from retake_ops.ref.pivot_kv_compress import pivot_scores
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -334,3 +334,34 @@ def test_rejects_bad_input(case):
     args = {**_good(), **change}
     with pytest.raises(ValueError, match=msg):
         retake_ops.pivot_kv_compress(**args)
+
+
+# ---------------------------------------------------------------- autograd, torch.compile
+
+@pytest.mark.parametrize("name", ["q", "k", "v"])
+def test_requires_grad_raises_at_call_time(name):
+    args = _good()
+    args[name] = args[name].clone().requires_grad_()
+    with pytest.raises(RuntimeError, match=rf"pivot_kv_compress: inference-only \(no gradient\), but {name} "
+                                           rf"requires grad; call it under torch.no_grad\(\)"):
+        retake_ops.pivot_kv_compress(**args)
+    with torch.no_grad():
+        out = retake_ops.pivot_kv_compress(**args)
+    assert not any(t.requires_grad for t in out)
+    want = retake_ops.pivot_kv_compress(**{n: t.detach() if isinstance(t, torch.Tensor) else t for n, t in args.items()})
+    assert all(torch.equal(a, b) for a, b in zip(out, want))
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("force_pivots", [False, True])
+def test_compiles_with_torch_compile(causal, force_pivots):
+    q, k, v = make_qkv(2, 8, 2, 13, 29, 64, torch.bfloat16)
+    pm = make_pivots(2, 29, 0.2)
+
+    def compress(q, k, v, pm):
+        k2, v2, idx = retake_ops.pivot_kv_compress(q, k, v, pm, 7, causal=causal, force_pivots=force_pivots)
+        return k2 * 2, v2, idx
+
+    got = torch.compile(compress, backend="aot_eager", fullgraph=True)(q, k, v, pm)
+    want = compress(q, k, v, pm)
+    assert all(torch.equal(a, b) for a, b in zip(got, want))

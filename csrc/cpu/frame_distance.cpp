@@ -1,9 +1,14 @@
 // frame_distance CPU kernel.
 //   d[b,t,n] = 1 - <x[b,t-1,n], x[b,t,n]> / (max(|x[b,t-1,n]|, 1e-8) * max(|x[b,t,n]|, 1e-8))
-//   d[b,0,n] = first; sync averages over n.
+//   d[b,0,n] = first; sync averages over n (in order).
 // feats [B,T,N,C] in fp16/bf16/fp32 (made contiguous), output fp32, fp32 accumulation.
 // One pass over the features: tasks own runs of frames of one batch row and carry each
 // patch's squared norm from frame t-1 to frame t, so frame t-1 is re-read from cache only.
+// Any magnitude: a vector whose squared norm reaches 2^126 (bf16/fp32 beyond ~1e19) would
+// overflow the sums; the pair is then summed again with that vector scaled by 2^-100, exact
+// for a power of two. Its norm is then far above eps, so the clamp never applies to it and the
+// scale cancels in the cosine. Smaller vectors need nothing: where their products underflow,
+// the clamp at eps makes the lost terms negligible.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -23,6 +28,8 @@ namespace {
 constexpr int kLanes = 16;          // independent partial sums: lets the compiler vectorize
 constexpr int64_t kFramesPerTask = 16;
 constexpr float kEps = 1e-8f;
+constexpr float kHuge = 0x1p126f;   // squared norms from here on are summed scaled
+constexpr float kShrink = 0x1p-100f;
 
 // Sums a.b and b.b over C elements, plus a probe that turns NaN iff b holds NaN or Inf.
 template <typename scalar_t>
@@ -74,6 +81,23 @@ inline void self_sums(const scalar_t* b, int64_t C, float& bb, float& probe) {
   }
 }
 
+// The distance of a pair with a huge vector (squared norm aa or bb >= kHuge, from the fast sums).
+template <typename scalar_t>
+float scaled_distance(const scalar_t* a, const scalar_t* b, int64_t C, float aa, float bb) {
+  const bool huge_a = aa >= kHuge, huge_b = bb >= kHuge;
+  const float fa = huge_a ? kShrink : 1.0f, fb = huge_b ? kShrink : 1.0f;
+  float ab_s = 0.0f, aa_s = 0.0f, bb_s = 0.0f;
+  for (int64_t c = 0; c < C; ++c) {
+    const float x = static_cast<float>(a[c]) * fa, y = static_cast<float>(b[c]) * fb;
+    ab_s += x * y;
+    aa_s += x * x;
+    bb_s += y * y;
+  }
+  const float na = huge_a ? std::sqrt(aa_s) : std::max(std::sqrt(aa), kEps);
+  const float nb = huge_b ? std::sqrt(bb_s) : std::max(std::sqrt(bb), kEps);
+  return 1.0f - ab_s / (na * nb);
+}
+
 template <typename scalar_t>
 void frame_distance_kernel(const scalar_t* x, float* out, int64_t B, int64_t T, int64_t N, int64_t C,
                            bool sync, float first, std::atomic<bool>& nonfinite) {
@@ -100,8 +124,12 @@ void frame_distance_kernel(const scalar_t* x, float* out, int64_t B, int64_t T, 
           } else {
             float ab;
             pair_sums(cur - N * C, cur, C, ab, sq, probe);
-            const float na = std::max(std::sqrt(prev_sq[n]), kEps), nb = std::max(std::sqrt(sq), kEps);
-            d = 1.0f - ab / (na * nb);
+            if (prev_sq[n] >= kHuge || sq >= kHuge) {
+              d = scaled_distance(cur - N * C, cur, C, prev_sq[n], sq);
+            } else {
+              const float na = std::max(std::sqrt(prev_sq[n]), kEps), nb = std::max(std::sqrt(sq), kEps);
+              d = 1.0f - ab / (na * nb);
+            }
           }
           bad |= !(probe == 0.0f);
           prev_sq[n] = sq;
@@ -131,16 +159,13 @@ at::Tensor frame_distance_cpu_impl(const at::Tensor& feats, bool sync, double fi
     frame_distance_kernel<scalar_t>(x.data_ptr<scalar_t>(), out.data_ptr<float>(), B, T, N, C, sync,
                                     static_cast<float>(first), nonfinite);
   });
-  TORCH_CHECK_VALUE(!(check_finite && nonfinite.load()), op,
-                    ": feats contains NaN or Inf; pass check_finite=False to skip this check "
-                    "(non-finite distances then rank lowest)");
+  check_features_finite(op, check_finite && nonfinite.load());
   return out;
 }
 
 at::Tensor frame_distance_cpu(const at::Tensor& feats, bool sync, double first, bool check_finite) {
-  constexpr const char* op = "frame_distance";
-  check_feats(op, feats);
-  return frame_distance_cpu_impl(feats, sync, first, check_finite, op);
+  check_frame_distance_args(feats, first);
+  return frame_distance_cpu_impl(feats, sync, first, check_finite, "frame_distance");
 }
 
 TORCH_LIBRARY_IMPL(retake, CPU, m) { m.impl("frame_distance", &frame_distance_cpu); }

@@ -3,8 +3,9 @@
 // layouts are made contiguous); idx int64 [B,L'] shared by every head or [B,H,L'] per head.
 // Rows are copied as raw bytes (memcpy of D * element size), tasks own runs of output rows.
 // Indices are checked in one pass before any copy; unchecked out-of-range rows become zeros.
-// kv_gather_out writes caller-given buffers in place when their rows are unit-stride and
-// they do not overlap an input, otherwise through a temporary.
+// kv_gather_out writes caller-given buffers (checked free of self-overlap) in place when their
+// rows are unit-stride and they do not overlap an input, otherwise through a temporary: rows
+// copied in place could overwrite a source row that a later output row still reads.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -12,67 +13,12 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
-#include <limits>
 #include <tuple>
 
 #include "checks.h"
 
 namespace retake {
 namespace {
-
-void check_kv_gather(const char* op, const at::Tensor& k, const at::Tensor& v, const at::Tensor& idx) {
-  check_rank(op, "k", k, 4, "[B, H, L, D]");
-  check_rank(op, "v", v, 4, "[B, H, L, D]");
-  check_float(op, "k", k);
-  TORCH_CHECK_VALUE(v.sizes() == k.sizes(), op, ": v must have the shape of k ", shape_str(k), ", got ",
-                    shape_str(v));
-  TORCH_CHECK_VALUE(v.scalar_type() == k.scalar_type(), op, ": v must have the dtype of k (",
-                    dtype_name(k.scalar_type()), "), got ", dtype_name(v.scalar_type()));
-  TORCH_CHECK_VALUE(idx.scalar_type() == at::kLong, op, ": idx must be torch.int64, got ",
-                    dtype_name(idx.scalar_type()));
-  TORCH_CHECK_VALUE(idx.dim() == 2 || idx.dim() == 3, op,
-                    ": idx must be a 2-D tensor [B, L'] or a 3-D tensor [B, H, L'], got shape ", shape_str(idx));
-  const int64_t B = k.size(0), H = k.size(1);
-  TORCH_CHECK_VALUE(idx.size(0) == B && (idx.dim() == 2 || idx.size(1) == H), op, ": idx must have shape [B=", B,
-                    ", L'] or [B=", B, ", H=", H, ", L'], got ", shape_str(idx));
-  TORCH_CHECK_VALUE(v.device() == k.device() && idx.device() == k.device(), op,
-                    ": all tensors must be on one device, got k on ", k.device().str(), ", v on ", v.device().str(),
-                    ", idx on ", idx.device().str());
-}
-
-void check_out(const char* op, const char* name, const at::Tensor& out, const at::Tensor& k, int64_t L_out) {
-  const int64_t B = k.size(0), H = k.size(1), D = k.size(3);
-  TORCH_CHECK_VALUE(out.dim() == 4 && out.size(0) == B && out.size(1) == H && out.size(2) == L_out &&
-                        out.size(3) == D,
-                    op, ": ", name, " must have shape [", B, ", ", H, ", ", L_out, ", ", D, "], got ", shape_str(out));
-  TORCH_CHECK_VALUE(out.scalar_type() == k.scalar_type(), op, ": ", name, " must have the dtype of k (",
-                    dtype_name(k.scalar_type()), "), got ", dtype_name(out.scalar_type()));
-}
-
-void check_index_values(const char* op, const at::Tensor& idx, int64_t L) {
-  const int64_t n = idx.numel();
-  if (n == 0) return;
-  const int64_t* p = idx.data_ptr<int64_t>();
-  int64_t lo = std::numeric_limits<int64_t>::max(), hi = std::numeric_limits<int64_t>::min();
-  for (int64_t i = 0; i < n; ++i) {
-    lo = std::min(lo, p[i]);
-    hi = std::max(hi, p[i]);
-  }
-  TORCH_CHECK_VALUE(lo >= 0 && hi < L, op, ": idx values must be in [0, L=", L, "), got min ", lo, ", max ", hi);
-}
-
-// Whether the address ranges spanned by a and b intersect (conservative for strided views;
-// at::get_overlap_status gives up on non-dense tensors such as cache slices).
-bool overlaps(const at::Tensor& a, const at::Tensor& b) {
-  if (a.numel() == 0 || b.numel() == 0) return false;
-  auto span = [](const at::Tensor& t) {
-    int64_t last = 0;
-    for (int64_t d = 0; d < t.dim(); ++d) last += (t.size(d) - 1) * t.stride(d);
-    return (last + 1) * static_cast<int64_t>(t.element_size());
-  };
-  const auto pa = reinterpret_cast<uintptr_t>(a.data_ptr()), pb = reinterpret_cast<uintptr_t>(b.data_ptr());
-  return pa < pb + span(b) && pb < pa + span(a);
-}
 
 // Copies the rows into out_k/out_v, whose rows must be unit-stride and disjoint from the inputs.
 void gather_rows(const at::Tensor& k_in, const at::Tensor& v_in, const at::Tensor& idx_in, at::Tensor& out_k,
@@ -115,7 +61,7 @@ void gather_rows(const at::Tensor& k_in, const at::Tensor& v_in, const at::Tenso
 std::tuple<at::Tensor, at::Tensor> kv_gather_cpu(const at::Tensor& k, const at::Tensor& v, const at::Tensor& idx,
                                                  bool check_bounds) {
   constexpr const char* op = "kv_gather";
-  check_kv_gather(op, k, v, idx);
+  check_kv_gather_args(op, k, v, idx);
   at::Tensor out_k = at::empty({k.size(0), k.size(1), idx.size(-1), k.size(3)}, k.options());
   at::Tensor out_v = at::empty_like(out_k);
   gather_rows(k, v, idx, out_k, out_v, check_bounds, op);
@@ -125,15 +71,9 @@ std::tuple<at::Tensor, at::Tensor> kv_gather_cpu(const at::Tensor& k, const at::
 void kv_gather_out_cpu(const at::Tensor& k, const at::Tensor& v, const at::Tensor& idx, at::Tensor out_k,
                        at::Tensor out_v, bool check_bounds) {
   constexpr const char* op = "kv_gather_out";
-  check_kv_gather(op, k, v, idx);
-  check_out(op, "out_k", out_k, k, idx.size(-1));
-  check_out(op, "out_v", out_v, k, idx.size(-1));
-  TORCH_CHECK_VALUE(out_k.device() == k.device() && out_v.device() == k.device(), op,
-                    ": all tensors must be on one device, got k on ", k.device().str(), ", out_k on ",
-                    out_k.device().str(), ", out_v on ", out_v.device().str());
-  TORCH_CHECK_VALUE(!overlaps(out_k, out_v), op, ": out_k and out_v must not overlap in memory");
+  check_kv_gather_out_args(k, v, idx, out_k, out_v);
   auto direct = [&](const at::Tensor& out) {
-    return out.stride(3) == 1 && !overlaps(out, k) && !overlaps(out, v) && !overlaps(out, idx);
+    return out.stride(3) == 1 && !memory_overlaps(out, k) && !memory_overlaps(out, v) && !memory_overlaps(out, idx);
   };
   at::Tensor tk = direct(out_k) ? out_k : at::empty(out_k.sizes(), out_k.options());
   at::Tensor tv = direct(out_v) ? out_v : at::empty(out_v.sizes(), out_v.options());

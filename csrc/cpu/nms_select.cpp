@@ -15,28 +15,18 @@
 #include <atomic>
 #include <cmath>
 #include <cstdint>
-#include <cstring>
 #include <vector>
 
 #include "checks.h"
+#include "ranking.h"
 
 namespace retake {
 
 namespace {
 
-constexpr const char* kOp = "nms_select";
-constexpr int64_t kMaxFrames = (int64_t(1) << 31) - 1;
-
-// Rank key: a smaller key is a better frame (score descending, then index ascending).
-// -0.0 and +0.0 compare equal as floats, so they share one key; -inf maps above every
-// finite and +inf score.
-inline uint64_t rank_key(float v, int64_t j) {
-  v += 0.0f;  // -0.0 -> +0.0
-  uint32_t u;
-  std::memcpy(&u, &v, sizeof u);
-  const uint32_t ascending = (u & 0x80000000u) ? ~u : (u | 0x80000000u);
-  return (uint64_t(~ascending) << 32) | uint64_t(j);
-}
+// Rank keys (csrc/ranking.h): -0.0 and +0.0 share one key; -inf maps above every finite and
+// +inf score.
+inline uint64_t rank_key(float v, int64_t j) { return nms_rank_key(v, static_cast<uint32_t>(j)); }
 
 constexpr uint64_t kNone = ~uint64_t(0);  // no frame: above every rank key (indices < 2^32 - 1)
 
@@ -68,14 +58,8 @@ enum : uint8_t { kFree = 0, kSuppressed = 1, kTaken = 2 };
 }  // namespace
 
 at::Tensor nms_select_cpu(const at::Tensor& scores, int64_t k, int64_t radius) {
-  check_rank(kOp, "scores", scores, 2, "[B, N]");
-  check_float(kOp, "scores", scores);
+  const int64_t r = check_nms_select_args(scores, k, radius);
   const int64_t B = scores.size(0), N = scores.size(1);
-  TORCH_CHECK_VALUE(N <= kMaxFrames, kOp, ": scores has N=", N, " frames, at most ", kMaxFrames,
-                    " are supported");
-  TORCH_CHECK_VALUE(k >= 0 && k <= N, kOp, ": k must be in [0, N=", N, "], got ", k);
-  TORCH_CHECK_VALUE(radius >= -1, kOp, ": radius must be >= 0, or -1 for N // (4k), got ", radius);
-  const int64_t r = radius != -1 ? radius : (k > 0 ? N / (4 * k) : 0);
 
   const at::Tensor x = scores.to(at::kFloat).contiguous();
   at::Tensor out = at::empty({B, k}, scores.options().dtype(at::kLong));
@@ -129,8 +113,7 @@ at::Tensor nms_select_cpu(const at::Tensor& scores, int64_t k, int64_t radius) {
       std::sort(picks, picks + k);
     }
   });
-  TORCH_CHECK_VALUE(!has_nan, kOp,
-                    ": scores contains NaN, expected finite or +-inf scores (use -inf for unwanted frames)");
+  check_scores_without_nan(has_nan);
   return out;
 }
 

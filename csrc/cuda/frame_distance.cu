@@ -2,10 +2,16 @@
 //   d[b,t,n] = 1 - <x[b,t-1,n], x[b,t,n]> / (max(|x[b,t-1,n]|, 1e-8) * max(|x[b,t,n]|, 1e-8))
 //   d[b,0,n] = first; optional mean over n (sync).
 // feats contiguous [B,T,N,C] fp32/fp16/bf16; fp32 accumulation and output.
-// One warp owns a run of frames of one (b, n) column: per frame it reduces the dot product
-// with the previous frame and the squared norm together, carrying the norm to the next frame,
-// so each feature is read from DRAM once (frame t-1 is re-read from L1/L2). 16-byte vector
-// loads when C and the base pointer allow. The sync mean sums n in order, like the CPU kernel.
+// frame_distance_kernel: one warp owns a run of frames of one (b, n) column: per frame it reduces
+// the dot product with the previous frame and the squared norm together, carrying the norm to
+// the next frame, so each feature is read from DRAM once (frame t-1 is re-read from L1/L2).
+// 16-byte vector loads when C and the base pointer allow. Any magnitude: a vector whose squared
+// norm reaches 2^126 (bf16/fp32 beyond ~1e19) would overflow the sums; the warp then sums the
+// pair again with that vector scaled by 2^-100 (exact, a power of two): its norm is far above
+// eps, so the clamp never applies to it and the scale cancels in the cosine.
+// patch_mean_kernel (sync): one warp per (b, t) row sums its N distances, lanes striding over n
+// (coalesced) and a butterfly at the end: the mean is as parallel as the distances, in a fixed
+// order, so it is deterministic.
 #include "cuda/common.cuh"
 #include "cuda/frame_distance.h"
 
@@ -16,11 +22,39 @@ namespace {
 constexpr int kFramesPerWarp = 8;
 constexpr int kWarpsPerBlock = 8;
 constexpr float kEps = 1e-8f;
+constexpr float kHuge = 0x1p126f;
+constexpr float kShrink = 0x1p-100f;
 
 template <typename T, int V>
 struct alignas(sizeof(T) * V) Pack {
   T v[V];
 };
+
+// 1 - cos of the pair (prev, cur) when prev_sq or cur_sq (unscaled squared norms) is >= kHuge.
+template <typename T, int V>
+__device__ float scaled_distance(const T* __restrict__ prev, const T* __restrict__ cur, int64_t C, int lane,
+                                 float prev_sq, float cur_sq) {
+  const bool huge_a = prev_sq >= kHuge, huge_b = cur_sq >= kHuge;
+  const float fa = huge_a ? kShrink : 1.0f, fb = huge_b ? kShrink : 1.0f;
+  float ab = 0.0f, aa = 0.0f, bb = 0.0f;
+  for (int64_t c = static_cast<int64_t>(lane) * V; c < C; c += 32 * V) {
+    const Pack<T, V> p = *reinterpret_cast<const Pack<T, V>*>(prev + c);
+    const Pack<T, V> q = *reinterpret_cast<const Pack<T, V>*>(cur + c);
+#pragma unroll
+    for (int i = 0; i < V; ++i) {
+      const float x = to_float(p.v[i]) * fa, y = to_float(q.v[i]) * fb;
+      ab += x * y;
+      aa += x * x;
+      bb += y * y;
+    }
+  }
+  ab = warp_sum(ab);
+  aa = warp_sum(aa);
+  bb = warp_sum(bb);
+  const float na = huge_a ? sqrtf(aa) : fmaxf(sqrtf(prev_sq), kEps);
+  const float nb = huge_b ? sqrtf(bb) : fmaxf(sqrtf(cur_sq), kEps);
+  return 1.0f - ab / (na * nb);
+}
 
 template <typename T, int V>
 __global__ void frame_distance_kernel(const T* __restrict__ x, int64_t B, int64_t T_, int64_t N, int64_t C,
@@ -69,28 +103,29 @@ __global__ void frame_distance_kernel(const T* __restrict__ x, int64_t B, int64_
       }
     }
     ab = warp_sum(ab);
-    bb = warp_sum(bb);
-    if (lane == 0) {
-      float dist = first;
-      if (t > 0) dist = 1.0f - ab / (fmaxf(sqrtf(prev_sq), kEps) * fmaxf(sqrtf(bb), kEps));
-      d[(b * T_ + t) * N + n] = dist;
+    bb = warp_sum(bb);  // the same value in every lane: the branch below is warp-uniform
+    float dist = first;
+    if (t > 0) {
+      if (prev_sq >= kHuge || bb >= kHuge)
+        dist = scaled_distance<T, V>(prev, cur, C, lane, prev_sq, bb);
+      else
+        dist = 1.0f - ab / (fmaxf(sqrtf(prev_sq), kEps) * fmaxf(sqrtf(bb), kEps));
     }
+    if (lane == 0) d[(b * T_ + t) * N + n] = dist;
     prev_sq = bb;
   }
   if (nonfinite != nullptr && __any_sync(0xffffffffu, bad) && lane == 0) atomicOr(nonfinite, 1);
 }
 
-__global__ void mean_over_patches_kernel(const float* __restrict__ d, int64_t BT, int64_t T_, int64_t N,
-                                         float first, float* __restrict__ out) {
-  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (i >= BT) return;
-  if (i % T_ == 0) {
-    out[i] = first;
-    return;
-  }
+__global__ void patch_mean_kernel(const float* __restrict__ d, int64_t BT, int64_t T_, int64_t N, float first,
+                                  float* __restrict__ out) {
+  const int lane = threadIdx.x & 31;
+  const int64_t row = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) >> 5;
+  if (row >= BT) return;  // uniform per warp
   float total = 0.0f;
-  for (int64_t n = 0; n < N; ++n) total += d[i * N + n];
-  out[i] = total / static_cast<float>(N);
+  for (int64_t n = lane; n < N; n += 32) total += d[row * N + n];
+  total = warp_sum(total);
+  if (lane == 0) out[row] = row % T_ == 0 ? first : total / static_cast<float>(N);
 }
 
 template <typename T>
@@ -120,7 +155,8 @@ cudaError_t frame_distance_launch(const void* feats, DType dtype, int64_t B, int
   });
   if (err != cudaSuccess || out_sync == nullptr) return err;
   const int64_t BT = B * T;
-  mean_over_patches_kernel<<<(BT + 255) / 256, 256, 0, stream>>>(d, BT, T, N, first, out_sync);
+  patch_mean_kernel<<<(BT + kWarpsPerBlock - 1) / kWarpsPerBlock, kWarpsPerBlock * 32, 0, stream>>>(d, BT, T, N,
+                                                                                                    first, out_sync);
   return cudaGetLastError();
 }
 

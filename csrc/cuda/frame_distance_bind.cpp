@@ -21,17 +21,13 @@ at::Tensor frame_distance_cuda_impl(const at::Tensor& feats, bool sync, double f
                                              d.data_ptr<float>(), sync ? out.data_ptr<float>() : nullptr,
                                              check_finite ? flag.data_ptr<int>() : nullptr,
                                              c10::cuda::getCurrentCUDAStream()));
-  if (check_finite)
-    TORCH_CHECK_VALUE(flag.item<int>() == 0, op,
-                      ": feats contains NaN or Inf; pass check_finite=False to skip this check "
-                      "(non-finite distances then rank lowest)");
+  if (check_finite) check_features_finite(op, flag.item<int>() != 0);
   return out;
 }
 
 at::Tensor frame_distance_cuda(const at::Tensor& feats, bool sync, double first, bool check_finite) {
-  constexpr const char* op = "frame_distance";
-  check_feats(op, feats);
-  return frame_distance_cuda_impl(feats, sync, first, check_finite, op);
+  check_frame_distance_args(feats, first);
+  return frame_distance_cuda_impl(feats, sync, first, check_finite, "frame_distance");
 }
 
 TORCH_LIBRARY_IMPL(retake, CUDA, m) { m.impl("frame_distance", &frame_distance_cuda); }

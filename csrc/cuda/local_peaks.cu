@@ -3,6 +3,7 @@
 // clipped to [0, T); NaN counts as -inf. One thread per element.
 #include "cuda/common.cuh"
 #include "cuda/local_peaks.h"
+#include "ranking.h"
 
 namespace retake {
 namespace cuda {
@@ -14,7 +15,8 @@ __global__ void local_peaks_kernel(const T* __restrict__ x, int64_t outer, int64
   const int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (e >= outer * len * inner) return;
   const int64_t i = e % inner, t = (e / inner) % len, o = e / (inner * len);
-  out[e] = is_peak(x + o * len * inner + i, inner, len, t, half);
+  const T* column = x + o * len * inner + i;
+  out[e] = is_peak([=](int64_t j) { return rank_value(to_float(column[j * inner])); }, len, t, half);
 }
 
 }  // namespace

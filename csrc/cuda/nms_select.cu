@@ -11,6 +11,7 @@
 
 #include "cuda/common.cuh"
 #include "cuda/nms_select.h"
+#include "ranking.h"
 
 namespace retake {
 namespace cuda {
@@ -22,11 +23,9 @@ constexpr unsigned long long kNone = ~0ull;
 
 enum : uint8_t { kFree = 0, kSuppressed = 1, kTaken = 2 };
 
-// Same key as the CPU kernel: ascending key = score descending, then index ascending.
+// The CPU kernel's key (csrc/ranking.h): ascending key = score descending, then index ascending.
 __device__ __forceinline__ unsigned long long rank_key(float v, int j) {
-  const unsigned u = __float_as_uint(v + 0.0f);  // -0.0 -> +0.0
-  const unsigned ascending = (u & 0x80000000u) ? ~u : (u | 0x80000000u);
-  return (static_cast<unsigned long long>(~ascending) << 32) | static_cast<unsigned>(j);
+  return nms_rank_key(v, static_cast<uint32_t>(j));
 }
 
 __device__ __forceinline__ unsigned long long warp_min(unsigned long long v) {

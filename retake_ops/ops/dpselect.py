@@ -1,28 +1,24 @@
 """retake::dpselect(feats[B,T,N,C], num_frames, window=3, sync=True, check_finite=True)
 -> (idx int64, is_pivot bool), [B,k] (sync) or [B,k,N] (per patch).
 
-Frames rank peaks of frame_distance first, then larger distance, then lower
-index; the first num_frames are returned ascending. Inference-only.
+Frames rank peaks of frame_distance first, then larger distance, then lower index; the
+first num_frames are returned ascending. Inference-only (an input that requires grad under
+grad mode raises at call time).
+
+Kernels:
+  CPU   dpselect_cpu   csrc/cpu/dpselect.cpp (C++, retake_ops._C; distances from frame_distance_cpu)
+  CUDA  dpselect_cuda  csrc/cuda/dpselect_bind.cpp + dpselect.cu (retake_ops._C; distances from
+                       frame_distance_cuda, then torch's top-k over unique keys)
+  else  the body below: retake_ops.ref.dpselect (python_ref/dpselect.py)
 """
 import torch
 from torch import Tensor
 
 from .. import ref
-from ._checks import check_window
-from .frame_distance import check_frame_distance
+from ..checks import check_dpselect, check_target_frames
+from ._registry import inference_only
 
 OP = "dpselect"
-MAX_FRAMES = 1 << 30  # the CUDA ranking packs the frame index into 30 bits of a sort key
-
-
-def check_dpselect(feats: Tensor, num_frames: int, window: int) -> None:
-    check_frame_distance(feats, OP)
-    T = feats.shape[1]
-    if T > MAX_FRAMES:
-        raise ValueError(f"{OP}: feats has T={T} frames, at most {MAX_FRAMES} are supported")
-    if not 0 <= num_frames <= T:
-        raise ValueError(f"{OP}: num_frames must be in [0, T={T}], got {num_frames}")
-    check_window(OP, window)
 
 
 @torch.library.custom_op("retake::dpselect", mutates_args=())
@@ -46,10 +42,10 @@ def _(feats, num_frames, window=3, sync=True, check_finite=True):
     return feats.new_empty(shape, dtype=torch.int64), feats.new_empty(shape, dtype=torch.bool)
 
 
+inference_only(OP, dpselect)
+
+
 def target_frames(T: int, ratio: float) -> int:
-    """max(1, round(ratio * T)) frames out of T for a keep ratio in (0, 1]."""
-    if T < 1:
-        raise ValueError(f"target_frames: T must be >= 1, got {T}")
-    if not 0 < ratio <= 1:
-        raise ValueError(f"target_frames: ratio must be in (0, 1], got {ratio}")
+    """max(1, round(ratio * T)) frames out of T (an int >= 1) for a keep ratio in (0, 1]."""
+    check_target_frames(T, ratio)
     return ref.target_frames(T, ratio)

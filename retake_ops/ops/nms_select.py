@@ -1,31 +1,26 @@
 """retake::nms_select(scores[B,N], k, radius=-1) -> int64 [B,k] ascending.
 
-Greedy temporal NMS: take the highest unsuppressed score (ties: lower index),
-suppress every frame j with |i - j| <= radius, repeat; radius=-1 means
-N // (4k). When every frame is suppressed before k are taken, continue with the
-best frames not yet taken. -inf frames never win or suppress in the NMS phase,
-so they are taken last, only when needed; NaN scores raise. Inference-only.
+Greedy temporal NMS: take the highest unsuppressed score (ties: lower index), suppress every
+frame j with |i - j| <= radius, repeat; radius=-1 means N // (4k). When every frame is
+suppressed before k are taken, continue with the best frames not yet taken. -inf frames never
+win or suppress in the NMS phase, so they are taken last, only when needed; NaN scores raise.
+Scores are fp16/bf16/fp32 and ranked in their own precision (float64 is rejected, never
+rounded; select_frames ranks a float64 scorer's output exactly). Inference-only (an input that
+requires grad under grad mode raises at call time).
+
+Kernels:
+  CPU   nms_select_cpu   csrc/cpu/nms_select.cpp (C++, retake_ops._C)
+  CUDA  nms_select_cuda  csrc/cuda/nms_select_bind.cpp + nms_select.cu (retake_ops._C)
+  else  the body below: retake_ops.ref.nms_select (python_ref/nms_select.py)
 """
 import torch
 from torch import Tensor
 
 from .. import ref
-from ._checks import check_float, check_rank
+from ..checks import check_nms_select
+from ._registry import inference_only
 
 OP = "nms_select"
-MAX_FRAMES = (1 << 31) - 1  # the CUDA kernel indexes frames with int and packs them into 32 bits
-
-
-def check_nms_select(scores: Tensor, k: int, radius: int) -> None:
-    check_rank(OP, "scores", scores, 2, "[B, N]")
-    check_float(OP, "scores", scores)
-    N = scores.shape[1]
-    if N > MAX_FRAMES:
-        raise ValueError(f"{OP}: scores has N={N} frames, at most {MAX_FRAMES} are supported")
-    if not 0 <= k <= N:
-        raise ValueError(f"{OP}: k must be in [0, N={N}], got {k}")
-    if radius < -1:
-        raise ValueError(f"{OP}: radius must be >= 0, or -1 for N // (4k), got {radius}")
 
 
 @torch.library.custom_op("retake::nms_select", mutates_args=())
@@ -46,3 +41,6 @@ def nms_select(scores: Tensor, k: int, radius: int = -1) -> Tensor:
 def _(scores, k, radius=-1):
     check_nms_select(scores, k, radius)
     return scores.new_empty((scores.shape[0], k), dtype=torch.int64)
+
+
+inference_only(OP, nms_select)

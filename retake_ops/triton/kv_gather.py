@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..ops._checks import index_range_message, memory_overlaps
+from ..checks import index_range_message, memory_overlaps
 
 BLOCK_L = 32
 NUM_WARPS = 4
@@ -23,11 +23,14 @@ _BITS = {2: torch.int16, 4: torch.int32}
 
 
 def block_d(D: int) -> int:
-    """Columns per inner step: the whole row up to 128 elements (256 B in 16-bit types)."""
-    return min(triton.next_power_of_2(max(D, 16)), 128)
+    """Columns per inner step: the whole row up to 64 elements. Wider steps spill where the
+    rows are not 16-byte aligned (every element then needs its own 64-bit address)."""
+    return min(triton.next_power_of_2(max(D, 16)), 64)
 
 
-@triton.jit
+# Sizes and index strides only scale scalar offsets: specializing on them would compile a
+# kernel per value pattern (L_out = 1, H = 1, a shared index's head stride 0) for nothing.
+@triton.jit(do_not_specialize=["H", "L", "L_out", "si_b", "si_h"])
 def kv_gather_kernel(k_ptr, v_ptr, idx_ptr, ok_ptr, ov_ptr, flag_ptr,
                      H, L, L_out, D,
                      sk_b, sk_h, sk_l, sv_b, sv_h, sv_l,
@@ -57,8 +60,8 @@ def kv_gather_kernel(k_ptr, v_ptr, idx_ptr, ok_ptr, ov_ptr, flag_ptr,
         ld = load_rows[:, None] & in_row[None, :]
         st = live[:, None] & in_row[None, :]
         x = tl.load(k_rows[:, None] + cols[None, :], mask=ld, other=0)
-        y = tl.load(v_rows[:, None] + cols[None, :], mask=ld, other=0)
         tl.store(ok_rows[:, None] + cols[None, :], x, mask=st)
+        y = tl.load(v_rows[:, None] + cols[None, :], mask=ld, other=0)
         tl.store(ov_rows[:, None] + cols[None, :], y, mask=st)
 
 
@@ -106,17 +109,24 @@ def kv_gather_triton(k: torch.Tensor, v: torch.Tensor, idx: torch.Tensor, out_k:
 
 def aot_specs() -> list[dict]:
     """Ahead-of-time compile entries for tools/triton_aot.py: every raw-bit element type,
-    with and without the index check, at every BLOCK_D that block_d() can pick."""
+    with and without the index check, at every BLOCK_D that block_d() can pick. Sizes and
+    strides are i32 as for tensors under 2**31 elements, batch and head strides the first
+    to need i64; contiguous k, v and outputs with D % 16 == 0 make D and their strides
+    multiples of 16, and a contiguous index has unit stride along L'."""
     sizes = {n: "i32" for n in ("H", "L", "L_out", "D")}
     strides = {f"s{t}_{a}": "i32" for t in ("k", "v", "i", "ok", "ov") for a in ("b", "h", "l")}
+    rows = tuple(a for a in strides if not a.startswith("si"))
     specs = []
     for bits in ("i16", "i32"):
         for check in (True, False):
-            for bd in (16, 32, 64, 128):
-                signature = {"k_ptr": f"*{bits}", "v_ptr": f"*{bits}", "idx_ptr": "*i64", "ok_ptr": f"*{bits}",
-                             "ov_ptr": f"*{bits}", "flag_ptr": "*i32", **sizes, **strides}
-                specs.append(dict(name=f"kv_gather_kernel[{bits}_check{int(check)}_d{bd}]", kernel=kv_gather_kernel,
-                                  signature=signature,
+            for bd in (16, 32, 64):
+                signature = {"k_ptr": f"*{bits}", "v_ptr": f"*{bits}", "idx_ptr": "*i64",
+                             "ok_ptr": f"*{bits}", "ov_ptr": f"*{bits}", "flag_ptr": "*i32",
+                             **sizes, **strides}
+                specs.append(dict(name=f"kv_gather_kernel[{bits}_check{int(check)}_d{bd}]",
+                                  kernel=kv_gather_kernel, signature=signature,
                                   constexprs=dict(CHECK=check, BLOCK_L=BLOCK_L, BLOCK_D=bd),
-                                  num_warps=NUM_WARPS, num_stages=NUM_STAGES))
+                                  num_warps=NUM_WARPS, num_stages=NUM_STAGES,
+                                  divisible=("D", *rows), ones=("si_l",),
+                                  int64=tuple(a for a in strides if a[-1] in "bh")))
     return specs

@@ -1,59 +1,22 @@
-"""DPSelect CUDA kernels against the CPU kernels and the references (needs a CUDA device)."""
+"""retake::dpselect (CUDA kernels) against the CPU kernels and the reference: indices exactly."""
 import pytest
 import torch
 
 import retake_ops
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+from gpu_common import graph_replays, on_side_stream, requires_cuda
+
+pytestmark = requires_cuda
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-ATOL = 2e-5
 
 
 def feats(B, T, N, C, dtype=torch.float32, seed=0):
     return torch.randn(B, T, N, C, generator=torch.Generator().manual_seed(seed)).to(dtype)
 
 
-def test_cuda_kernels_are_registered():
-    ops = retake_ops.build_info()["ops"]
-    for op in ("frame_distance", "local_peaks", "dpselect"):
-        assert ops[op]["cuda"] == "CUDA", ops
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape", [(1, 1, 1, 8), (2, 97, 3, 80), (1, 1025, 2, 128), (3, 17, 5, 33), (2, 40, 196, 1024)])
-@pytest.mark.parametrize("sync", [True, False])
-def test_frame_distance_matches_cpu(shape, dtype, sync):
-    x = feats(*shape, dtype=dtype)
-    out = retake_ops.frame_distance(x.cuda(), sync, 0.25)
-    torch.testing.assert_close(out.cpu(), retake_ops.frame_distance(x, sync, 0.25), atol=ATOL, rtol=0)
-
-
-def test_frame_distance_unaligned_and_strided():
-    x = feats(1, 30, 4, 67)
-    y = x.cuda()[..., 1:]  # C=66, base pointer off 16-byte alignment: scalar path
-    torch.testing.assert_close(retake_ops.frame_distance(y).cpu(), retake_ops.frame_distance(x[..., 1:]),
-                               atol=ATOL, rtol=0)
-
-
-def test_frame_distance_non_finite():
-    x = feats(1, 10, 2, 64)
-    x[0, 4, 1, 5] = float("inf")
-    with pytest.raises(ValueError, match="frame_distance: feats contains NaN or Inf"):
-        retake_ops.frame_distance(x.cuda())
-    out = retake_ops.frame_distance(x.cuda(), sync=False, check_finite=False).cpu()
-    torch.testing.assert_close(out, retake_ops.frame_distance(x, sync=False, check_finite=False),
-                               atol=ATOL, rtol=0, equal_nan=True)
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("window", [1, 3, 9, 4097])
-def test_local_peaks_matches_cpu(window, dtype):
-    x = torch.randn(5, 2049).to(dtype)
-    x[1] = 0.5  # all equal
-    x[2, ::7] = float("nan")
-    x[3] = torch.randint(0, 3, (2049,)).to(dtype)  # plateaus everywhere
-    assert torch.equal(retake_ops.local_peaks(x.cuda(), window).cpu(), retake_ops.local_peaks(x, window))
+def test_cuda_kernel_is_registered():
+    assert retake_ops.build_info()["ops"]["dpselect"]["cuda"] == "CUDA"
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -90,8 +53,28 @@ def test_dpselect_non_finite_unchecked_matches_cpu():
         assert torch.equal(idx.cpu(), retake_ops.dpselect(x, 20, 3, sync, False)[0])
 
 
-def test_opcheck_cuda():
-    x = feats(2, 20, 3, 16).cuda()
-    torch.library.opcheck(torch.ops.retake.frame_distance.default, (x,))
-    torch.library.opcheck(torch.ops.retake.local_peaks.default, (torch.randn(3, 40, device="cuda"),))
-    torch.library.opcheck(torch.ops.retake.dpselect.default, (x, 5))
+def test_dpselect_side_stream():
+    x = feats(2, 97, 3, 80, torch.bfloat16).cuda()
+    got = on_side_stream(lambda a: retake_ops.dpselect(a, 30), x)
+    want = retake_ops.dpselect(x.cpu(), 30)
+    assert torch.equal(got[0].cpu(), want[0]) and torch.equal(got[1].cpu(), want[1])
+
+
+@pytest.mark.parametrize("sync", [True, False])
+def test_dpselect_unchecked_graph_capture(sync):
+    """check_finite=False reads nothing back to the host: selection replays in a CUDA graph."""
+    first, second = feats(2, 60, 3, 32, seed=1).cuda(), feats(2, 60, 3, 32, seed=2).cuda()
+    got = graph_replays(lambda a: retake_ops.dpselect(a, 20, 3, sync, False), [first], [second])
+    for (idx, piv), x in zip(got, (first, second)):
+        want_idx, want_piv = retake_ops.dpselect(x.cpu(), 20, 3, sync, False)
+        assert torch.equal(idx.cpu(), want_idx) and torch.equal(piv.cpu(), want_piv)
+
+
+def test_dpselect_torch_compile_inductor():
+    x = feats(2, 50, 3, 32).cuda()
+    fn = torch.compile(lambda a: retake_ops.dpselect(a, 12)[0] + 1, fullgraph=True)
+    assert torch.equal(fn(x).cpu(), retake_ops.dpselect(x.cpu(), 12)[0] + 1)
+
+
+def test_dpselect_opcheck():
+    torch.library.opcheck(torch.ops.retake.dpselect.default, (feats(2, 20, 3, 16).cuda(), 5))

@@ -2,10 +2,12 @@
 import pytest
 import torch
 
-import retake_ops  # noqa: F401  (registers the ops)
+import retake_ops
 from retake_ops import ref
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+from gpu_common import on_side_stream, requires_cuda
+
+pytestmark = requires_cuda
 
 op = torch.ops.retake.nms_select
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -76,3 +78,15 @@ def test_cuda_bad_input():
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_cuda_opcheck(dtype):
     torch.library.opcheck(op, (random_scores(3, 37, dtype, seed=2).cuda(), 5, -1))
+
+
+def test_cuda_side_stream():
+    scores = random_scores(8, 3000, torch.float32, seed=3).cuda()
+    got = on_side_stream(lambda s: op(s, 40, 5), scores)
+    assert torch.equal(got.cpu(), op(scores.cpu(), 40, 5))
+
+
+def test_cuda_torch_compile_inductor():
+    scores = random_scores(4, 500, torch.bfloat16, seed=4).cuda()
+    fn = torch.compile(lambda s: retake_ops.nms_select(s, 10) * 2, fullgraph=True)
+    assert torch.equal(fn(scores).cpu(), op(scores.cpu(), 10) * 2)

@@ -1,17 +1,16 @@
-"""kv_gather (Triton) and pivot_kv_compress on CUDA against the CPU kernels and the references
-(needs a CUDA device). Gathers are exact; selections are compared on tie-free inputs, with
-the tie-free keep chosen from fp64 scores as in tests/test_pivot_kv_compress.py."""
+"""kv_gather / kv_gather_out (Triton) on CUDA against the CPU kernel and the reference: gathers
+are exact (bits compared, NaN and inf payloads included)."""
 import pytest
 import torch
 
 import retake_ops
 from retake_ops import ref
-from retake_ops.ref.pivot_kv_compress import pivot_scores
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+from gpu_common import assert_same, graph_replays, needs_free_memory, on_side_stream, requires_cuda
+
+pytestmark = requires_cuda
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-GAP = 1e-3
 
 
 def make_kv(B, H, L, D, dtype, seed=0):
@@ -24,29 +23,34 @@ def make_idx(B, H, L, L_out, per_head, seed=1):
     return torch.randint(0, L, shape, generator=torch.Generator().manual_seed(seed))
 
 
-def assert_same(got, want):
-    for g, w in zip(got, want):
-        assert g.device.type == "cuda" and g.dtype == w.dtype and g.shape == w.shape
-        assert torch.equal(g.cpu(), w)
-
-
 def test_kernels_are_registered():
     ops = retake_ops.build_info()["ops"]
     assert ops["kv_gather"]["cuda"] == "Triton" and ops["kv_gather_out"]["cuda"] == "Triton"
-    assert ops["pivot_kv_compress"]["cuda"] == "composite"
 
-
-# ---------------------------------------------------------------- kv_gather
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("L", [1, 17, 97, 1025, 8191])
-@pytest.mark.parametrize("D", [64, 80, 128, 256])
+@pytest.mark.parametrize("D", [64, 72, 80, 128, 256])
 @pytest.mark.parametrize("per_head", [False, True])
 def test_kv_gather_matches_cpu(dtype, L, D, per_head):
     k, v = make_kv(2, 4, L, D, dtype)
     idx = make_idx(2, 4, L, max(1, L // 4), per_head)
     assert_same(torch.ops.retake.kv_gather(k.cuda(), v.cuda(), idx.cuda()), torch.ops.retake.kv_gather(k, v, idx))
 
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_kv_gather_unaligned_base_pointer_and_non_finite_rows(dtype):
+    """Rows one element past a 16-byte boundary, holding NaN, inf and -0.0: copied bit for bit."""
+    k, v = make_kv(2, 3, 60, 72, dtype)
+    k[0, 1, 7, :3] = torch.tensor([float("nan"), float("inf"), -0.0], dtype=dtype)
+    v[1, 2, 59, -2:] = torch.tensor([float("-inf"), float("nan")], dtype=dtype)
+    idx = torch.tensor([[7, 59, 0, 7], [59, 1, 7, 30]])
+    k_off = torch.empty(k.numel() + 1, dtype=dtype, device="cuda")[1:].view(k.shape)
+    v_off = torch.empty(v.numel() + 1, dtype=dtype, device="cuda")[1:].view(v.shape)
+    k_off.copy_(k)
+    v_off.copy_(v)
+    assert k_off.data_ptr() % 16 != 0
+    assert_same(torch.ops.retake.kv_gather(k_off, v_off, idx.cuda()), ref.kv_gather(k, v, idx))
 
 @pytest.mark.parametrize("per_head", [False, True])
 def test_kv_gather_out_into_cache_slice(per_head):
@@ -114,68 +118,45 @@ def test_kv_gather_opcheck():
                           (k.cuda(), v.cuda(), idx.cuda(), out, torch.empty_like(out)))
 
 
-# ---------------------------------------------------------------- pivot_kv_compress
-
-def make_qkv(B, Hq, Hkv, Lq, Lk, D, dtype, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    q = (2 * torch.randn(B, Hq, Lq, D, generator=g)).to(dtype)
-    k, v = (torch.randn(B, Hkv, Lk, D, generator=g).to(dtype) for _ in range(2))
-    return q, k, v
+def test_kv_gather_side_stream():
+    k, v = (t.cuda() for t in make_kv(2, 4, 500, 128, torch.bfloat16))
+    idx = make_idx(2, 4, 500, 120, True).cuda()
+    got = on_side_stream(lambda a, b, i: torch.ops.retake.kv_gather(a, b, i), k, v, idx)
+    assert_same(got, ref.kv_gather(k, v, idx))
 
 
-def tie_free_keep(q, k, pm, causal, want):
-    s = pivot_scores(q.double(), k.double(), None, causal)
-    s = s + pm.double() * (s.max() + 1)
-    ranked = s.sort(dim=-1, descending=True).values
-    for keep in sorted(range(1, s.shape[-1] + 1), key=lambda c: (abs(c - want), c)):
-        if keep == s.shape[-1] or (ranked[:, keep - 1] - ranked[:, keep]).min() >= GAP:
-            return keep
-    raise AssertionError("no tie-free keep")
+@pytest.mark.parametrize("out_buffers", [False, True])
+def test_kv_gather_unchecked_graph_capture(out_buffers):
+    """check_bounds=False reads nothing back to the host: the gather replays in a CUDA graph."""
+    first = [t.cuda() for t in make_kv(2, 4, 300, 64, torch.float16, seed=1)] + [make_idx(2, 4, 300, 70, False, 1).cuda()]
+    second = [t.cuda() for t in make_kv(2, 4, 300, 64, torch.float16, seed=2)] + [make_idx(2, 4, 300, 70, False, 2).cuda()]
+    if out_buffers:
+        out_k = torch.empty(2, 4, 70, 64, dtype=torch.float16, device="cuda")
+        out_v = torch.empty_like(out_k)
+        fn = lambda k, v, i: retake_ops.kv_gather(k, v, i, out_k=out_k, out_v=out_v, check_bounds=False)  # noqa: E731
+    else:
+        fn = lambda k, v, i: torch.ops.retake.kv_gather(k, v, i, False)  # noqa: E731
+    for got, inputs in zip(graph_replays(fn, first, second), (first, second)):
+        assert_same(got, ref.kv_gather(*inputs))
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape", [(1, 28, 4, 512, 512, 128), (2, 8, 2, 97, 1025, 80), (1, 7, 1, 300, 97, 64)])
-@pytest.mark.parametrize("causal", [False, True])
-def test_pivot_kv_compress_matches_cpu(dtype, shape, causal):
-    B, Lk = shape[0], shape[4]
-    q, k, v = make_qkv(*shape, dtype)
-    pm = torch.rand(B, Lk, generator=torch.Generator().manual_seed(2)) < 0.05
-    keep = tie_free_keep(q, k, pm, causal, Lk // 4)
-    got = retake_ops.pivot_kv_compress(q.cuda(), k.cuda(), v.cuda(), pm.cuda(), keep, causal=causal)
-    want = retake_ops.pivot_kv_compress(q, k, v, pm, keep, causal=causal)
-    assert_same(got, want)
-    assert pm.gather(1, want[2]).sum() == pm.sum()
+def test_kv_gather_torch_compile_inductor():
+    k, v = (t.cuda() for t in make_kv(2, 4, 200, 128, torch.bfloat16))
+    idx = make_idx(2, 4, 200, 50, False).cuda()
+    fn = torch.compile(lambda a, b, i: tuple(t * 2 for t in retake_ops.kv_gather(a, b, i)), fullgraph=True)
+    want = ref.kv_gather(k, v, idx)
+    assert_same(fn(k, v, idx), (want[0] * 2, want[1] * 2))
 
 
-def test_pivot_kv_compress_ties_match_cpu():
-    q = torch.zeros(2, 8, 64, 128)
-    _, k, v = make_qkv(2, 8, 2, 64, 256, 128, torch.float32)
-    pm = torch.zeros(2, 256, dtype=torch.bool)
-    pm[:, ::37] = True
-    for force in (True, False):
-        got = retake_ops.pivot_kv_compress(q.cuda(), k.cuda(), v.cuda(), pm.cuda(), 40, force_pivots=force)
-        assert_same(got, retake_ops.pivot_kv_compress(q, k, v, pm, 40, force_pivots=force))
-
-
-def test_pivot_kv_compress_has_no_host_sync():
-    q, k, v = (t.cuda() for t in make_qkv(1, 28, 4, 1024, 1024, 128, torch.bfloat16))
-    pm = torch.zeros(1, 1024, dtype=torch.bool, device="cuda")
-    retake_ops.pivot_kv_compress(q, k, v, pm, 256)  # compile outside the guarded region
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        retake_ops.pivot_kv_compress(q, k, v, pm, 256)
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
-
-
-def test_pivot_kv_compress_device_mix():
-    q, k, v = make_qkv(1, 4, 2, 9, 9, 64, torch.float32)
-    with pytest.raises(ValueError, match="pivot_kv_compress: all tensors must be on one device, got q on cuda:0, "
-                                         "k on cuda:0, v on cuda:0, pivot_mask on cpu"):
-        retake_ops.pivot_kv_compress(q.cuda(), k.cuda(), v.cuda(), torch.zeros(1, 9, dtype=torch.bool), 3)
-
-
-def test_pivot_kv_compress_opcheck():
-    q, k, v = (t.cuda() for t in make_qkv(2, 8, 2, 13, 29, 64, torch.bfloat16))
-    pm = torch.rand(2, 29, device="cuda") < 0.2
-    torch.library.opcheck(torch.ops.retake.pivot_kv_compress.default, (q, k, v, pm, 7, True, None, True))
+@needs_free_memory(24)
+def test_kv_gather_more_than_2_31_elements():
+    """k and v of 2**31 + 640 elements; the gathered rows lie past element 2**31."""
+    L = 2**24 + 5
+    k = torch.empty(1, 1, L, 128, dtype=torch.bfloat16, device="cuda")
+    v = torch.empty_like(k)
+    rows = torch.tensor([[0, L - 1, 2**24, 2**24 - 1, 12345]], device="cuda")
+    k[0, 0, rows[0]] = torch.randn(5, 128, device="cuda").to(torch.bfloat16)
+    v[0, 0, rows[0]] = torch.randn(5, 128, device="cuda").to(torch.bfloat16)
+    assert k.numel() > 2**31
+    got = torch.ops.retake.kv_gather(k, v, rows)
+    assert_same(got, (k[:, :, rows[0]], v[:, :, rows[0]]))
