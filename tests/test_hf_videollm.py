@@ -72,10 +72,10 @@ HIDE = {}
 def _oracle_attention(base):
     def attention(module, query, key, value, attention_mask, **kwargs):
         q_len, k_len = query.shape[-2], key.shape[-2]
-        hide = HIDE[module.layer_idx][:, None, k_len - q_len:k_len, :k_len]
+        hide = HIDE[module.layer_idx][:, None, k_len - q_len:k_len, :k_len].to(query.device)
         if attention_mask is None:
-            attention_mask = torch.ones(q_len, k_len, dtype=torch.bool).tril(k_len - q_len).expand(
-                query.shape[0], 1, -1, -1)
+            attention_mask = torch.ones(q_len, k_len, dtype=torch.bool, device=query.device).tril(
+                k_len - q_len).expand(query.shape[0], 1, -1, -1)
         if attention_mask.dtype == torch.bool:
             attention_mask = attention_mask & ~hide
         else:
