@@ -66,12 +66,17 @@ else:
 
     build_args = {"ext_modules": [extension(torch)], "cmdclass": {"build_ext": BuildExtension}}
 
+# csrc/ ships as retake_ops._csrc for the build on first import: each of its folders is a
+# data-only package (setuptools warns about folders left out of `packages`).
+CSRC_PACKAGES = {
+    "retake_ops._csrc" + ("" if rel == "." else "." + rel.replace(os.sep, ".")): ["*.cpp", "*.h", "*.cu", "*.cuh"]
+    for rel in (os.path.relpath(folder, CSRC) for folder, _, _ in os.walk(CSRC))
+}
+
 setup(
-    # retake_ops.ref is the pure-PyTorch reference, kept at the top level as python_ref/;
-    # retake_ops._csrc is csrc/, shipped for the build on first import.
-    packages=find_packages(HERE, include=["retake_ops", "retake_ops.*"]) + ["retake_ops.ref", "retake_ops._csrc"],
+    # retake_ops.ref is the pure-PyTorch reference, kept at the top level as python_ref/.
+    packages=find_packages(HERE, include=["retake_ops", "retake_ops.*"]) + ["retake_ops.ref", *CSRC_PACKAGES],
     package_dir={"retake_ops.ref": "python_ref", "retake_ops._csrc": "csrc"},
-    package_data={"retake_ops._csrc": ["*.cpp", "*.h", "cpu/*.cpp", "cpu/*.h", "cuda/*.cu", "cuda/*.cuh",
-                                       "cuda/*.cpp", "cuda/*.h"]},
+    package_data=CSRC_PACKAGES,
     **build_args,
 )
