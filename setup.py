@@ -64,7 +64,17 @@ if torch is None or os.environ.get("RETAKE_OPS_JIT", "").strip() == "1":
 else:
     from torch.utils.cpp_extension import BuildExtension
 
-    build_args = {"ext_modules": [extension(torch)], "cmdclass": {"build_ext": BuildExtension}}
+    class BuildExt(BuildExtension):
+        """Editable builds keep their object files in build/ too: setuptools gives them a fresh
+        temporary folder, so every reinstall recompiled every file, and a wheel built later
+        could not reuse them."""
+
+        def finalize_options(self):
+            super().finalize_options()
+            if getattr(self, "editable_mode", False):
+                self.build_temp = os.path.join("build", f"temp.{self.plat_name}-{sys.implementation.cache_tag}")
+
+    build_args = {"ext_modules": [extension(torch)], "cmdclass": {"build_ext": BuildExt}}
 
 # csrc/ ships as retake_ops._csrc for the build on first import: each of its folders is a
 # data-only package (setuptools warns about folders left out of `packages`).
