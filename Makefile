@@ -83,7 +83,7 @@ test-latest:
 lock:
 	{ sed '/^[^#]/,$$d' constraints.txt; \
 	  $(LATEST_VENV)/bin/pip freeze --all --exclude pip --exclude torch --exclude retake-ops; } > constraints.txt.new
-	mv constraints.txt.new constraints.txt
+	if cmp -s constraints.txt.new constraints.txt; then rm constraints.txt.new; else mv constraints.txt.new constraints.txt; fi
 
 clean:
 	rm -rf build dist *.egg-info retake_ops/_C*.so $(VENV)/.installed
