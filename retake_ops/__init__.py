@@ -2,14 +2,25 @@
 
 Importing the package defines every op's schema, then loads the compiled
 library retake_ops._C, whose C++ CPU (and, in CUDA builds, CUDA) kernels take
-over their dispatch keys. Without _C every op still works through its
-pure-PyTorch reference (retake_ops.ref), with one warning.
+over their dispatch keys. An install that shipped without _C (a plain
+`pip install .`) compiles it on first import (retake_ops._jit). Without _C every
+op still works through its pure-PyTorch reference (retake_ops.ref), with one
+warning.
 """
-import warnings
+import importlib.util
 
 import torch
 
+if importlib.util.find_spec(f"{__name__}.ref") is None:
+    # python_ref/ becomes retake_ops.ref only through an install: this is a source
+    # checkout's retake_ops/ on sys.path with nothing installed from it.
+    raise ImportError(
+        f"retake_ops.ref (the references, python_ref/ in the source tree) is missing beside {__path__[0]}: "
+        "this retake_ops/ was imported from a source checkout that is not installed. Install it from the "
+        "checkout with `pip install --no-build-isolation -e .` (or run `make install`)"
+    )
 from . import ref
+from ._jit import load_library
 from .ops._registry import OPS, PY_CPU_KERNELS, PY_CUDA_KERNELS, has_compiled_kernel
 from .ops.attn_scores import attn_scores
 from .ops.dpselect import dpselect, target_frames
@@ -23,16 +34,8 @@ from .frame_select import FrameSelection, SimilarityScorer, UniformScorer, selec
 OPS.extend(["frame_distance", "local_peaks", "dpselect", "nms_select", "attn_scores", "kv_gather", "kv_gather_out",
             "pivot_kv_compress"])
 
-try:
-    from . import _C  # noqa: F401  (registers kernels on import)
-except ImportError as exc:
-    _C = None
-    warnings.warn(
-        f"retake_ops._C could not be loaded ({exc}); every op falls back to its pure-PyTorch "
-        "reference. Build it with `pip install --no-build-isolation .`",
-        RuntimeWarning,
-        stacklevel=2,
-    )
+# Registers the compiled kernels on their dispatch keys; None after one warning.
+_C = load_library()
 
 
 def build_info() -> dict:

@@ -38,6 +38,7 @@ def test_falls_back_to_the_reference_without_the_compiled_library(tmp_path):
             import retake_ops
         messages = [str(w.message) for w in caught if "retake_ops._C" in str(w.message)]
         assert len(messages) == 1 and "falls back to its pure-PyTorch reference" in messages[0], messages
+        assert "None in sys.modules" in messages[0], messages
         info = retake_ops.build_info()
         assert not info["compiled"] and info["ops"]["dpselect"]["cpu"] == "reference", info
         assert info["ops"]["nms_select"]["cpu"] == info["ops"]["kv_gather"]["cpu"] == "reference", info
@@ -68,10 +69,12 @@ def test_falls_back_to_the_reference_without_the_compiled_library(tmp_path):
         assert torch.equal(got[2], want[2])
         print("fallback ok")
     """)
-    # Run outside the checkout so the installed package is imported, as a user would.
+    # Run outside the checkout, as a user would. The blocked import also keeps the loader from
+    # compiling a library on import instead.
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert out.returncode == 0, out.stderr
     assert "fallback ok" in out.stdout
+    assert "compiling" not in out.stderr
 
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -102,3 +105,49 @@ def test_build_info_names_the_kernel_of_every_op():
     assert {op: kinds["cpu"] for op, kinds in info["ops"].items()} == CPU_KERNELS
     for kinds in info["ops"].values():
         assert kinds["cuda"] in {"CUDA", "Triton", "composite", "reference"}
+
+
+def test_a_failed_build_on_import_warns_once_and_the_references_run(tmp_path):
+    """RETAKE_OPS_JIT=1 compiles on import even though _C is installed; with a compiler that
+    always fails, the import warns once, names the error and its log, and every op still
+    gives the reference's answer."""
+    script = textwrap.dedent("""
+        import warnings, torch
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            import retake_ops
+        messages = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+        assert len(messages) == 1, messages
+        assert "compiling it on import failed" in messages[0], messages
+        assert "falls back to its pure-PyTorch reference" in messages[0], messages
+        assert "last-build-error.log" in messages[0], messages
+        assert not retake_ops.build_info()["compiled"]
+        assert retake_ops.build_info()["ops"]["dpselect"]["cpu"] == "reference"
+        x = torch.randn(1, 20, 2, 8)
+        assert all(torch.equal(a, b) for a, b in zip(retake_ops.dpselect(x, 5), retake_ops.ref.dpselect(x, 5)))
+        print("fallback ok")
+    """)
+    env = {**os.environ, "RETAKE_OPS_JIT": "1", "CXX": "false", "RETAKE_OPS_CACHE_DIR": str(tmp_path / "cache")}
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, cwd=tmp_path,
+                         env=env)
+    assert out.returncode == 0, out.stderr
+    assert "fallback ok" in out.stdout
+    assert "retake-ops: first import, compiling retake_ops._C" in out.stderr  # the one line saying so
+    assert "false" in (tmp_path / "cache" / "last-build-error.log").read_text()
+
+
+def test_jit_mode_must_be_0_or_1(tmp_path):
+    env = {**os.environ, "RETAKE_OPS_JIT": "yes"}
+    out = subprocess.run([sys.executable, "-c", "import retake_ops"], capture_output=True, text=True, timeout=300,
+                         cwd=tmp_path, env=env)
+    assert out.returncode == 1
+    assert "RETAKE_OPS_JIT must be 0 (never compile on import) or 1 (always), got 'yes'" in out.stderr
+
+
+def test_setup_skips_the_ahead_of_time_build_when_asked_to_compile_on_import():
+    env = {**os.environ, "RETAKE_OPS_JIT": "1"}
+    out = subprocess.run([sys.executable, "setup.py", "--name"], cwd=ROOT, env=env, capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "RETAKE_OPS_JIT=1: installing the Python package with the C++ sources" in out.stdout
+    assert "building the C++ CPU kernels" not in out.stdout
