@@ -344,6 +344,11 @@ def main(argv=None):
     result = {"keyframes": keyframes, "kept": idx[0].tolist(), "cuts": cuts, "png": str(png),
               "selected": [] if selection is None else selection.indices.tolist()}
     if not args.no_llm:
+        try:
+            import transformers  # noqa: F401
+        except ImportError:
+            print("VideoLLM stage skipped: it needs transformers (pip install 'retake-ops[demo]')")
+            return result
         result["videollm"] = videollm_stage(args, video, out)
     return result
 

@@ -40,3 +40,19 @@ def test_import_without_transformers_names_the_extra():
     """)
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert "retake_ops.hf needs transformers >= 5.17, which is not installed: pip install 'retake-ops[hf]'" in out.stdout
+
+
+def _pin(path, name):
+    for line in path.read_text().splitlines():
+        if line.lower().startswith(name + "=="):
+            return line.split("==", 1)[1].strip()
+    raise AssertionError(f"{path.name} pins no {name}")
+
+
+def test_tested_range_is_what_ci_pins():
+    """The range the import warning names is the one CI runs: the main pins and the oldest-version pins."""
+    import pathlib
+
+    root = pathlib.Path(__file__).resolve().parents[1]
+    assert _pin(root / "constraints.txt", "transformers") == _compat.TESTED_MAX
+    assert _pin(root / "constraints-hf-min.txt", "transformers") == _compat.MIN_VERSION
