@@ -24,7 +24,10 @@ from retake_ops.hf import (MODEL_TYPE_TO_APPLY_FN, PivotKVCache, RetakeConfig, a
 from videollm_tiny import (BUILDERS, QWEN, TEXT, VIDEO, build, frame_columns, make_inputs, make_videos,
                            tokens_per_frame)
 
-pytestmark = pytest.mark.filterwarnings("error::FutureWarning", "error::DeprecationWarning")
+# transformers' own deprecations must not come out of retake_ops' calls; random features make pivots
+# overflow their budgets, which the tests that check the warning assert on purpose.
+pytestmark = [pytest.mark.filterwarnings("error::FutureWarning", "error::DeprecationWarning"),
+              pytest.mark.filterwarnings("ignore:PivotKV. pivot tokens outnumber")]
 
 TOL = 1e-5
 FAMILIES = list(BUILDERS)
@@ -183,7 +186,6 @@ def test_dropped_frames_equal_the_unpatched_model_on_the_kept_frames(family, imp
     assert_same_run(got, generate(model, short))
 
 
-@pytest.mark.filterwarnings("ignore:PivotKV. pivot tokens outnumber")  # random features: pivots may overflow
 @pytest.mark.parametrize("guided", [True, False])
 @pytest.mark.parametrize("batch", [1, 2])
 @pytest.mark.parametrize("impl", IMPLS)
