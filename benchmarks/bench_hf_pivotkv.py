@@ -40,13 +40,13 @@ def prefill(model, ids, variant):
     """Run one prefill; returns the filled cache."""
     from transformers import DynamicCache
 
-    from retake_ops.hf import PivotKVCache, chunked_prefill
+    from retake_ops.hf import PivotKVCache, cache_arg, chunked_prefill
 
     with torch.no_grad():
         if variant == "dynamic":
             cache = DynamicCache()
             for s in range(0, ids.shape[1], CHUNK):
-                model(ids[:, s:s + CHUNK], past_key_values=cache, use_cache=True, logits_to_keep=1)
+                model(ids[:, s:s + CHUNK], **cache_arg(model, cache), use_cache=True, logits_to_keep=1)
             return cache
         cache = PivotKVCache(keep_ratio=float(variant.split("_")[1]))
         chunked_prefill(model, ids, cache=cache, chunk_size=CHUNK)
@@ -59,38 +59,30 @@ def held_bytes(cache):
 
 def peak_alloc_bytes(model, ids, variant):
     """Peak bytes allocated during one prefill (tensors alive before it are not counted)."""
-    from torch.profiler._memory_profiler import Action
+    from retake_ops._measure import peak_bytes
 
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True,
-                                record_shapes=True, with_stack=True) as prof:
-        prefill(model, ids, variant)
-    live = peak = 0
-    for _, action, (key, _), size in prof._memory_profile().timeline:
-        if key.device.type == "cpu" and action in (Action.CREATE, Action.DESTROY):
-            live += size if action == Action.CREATE else -size
-            peak = max(peak, live)
-    return peak
+    return peak_bytes(lambda: prefill(model, ids, variant), "cpu")[1]
 
 
 def compression_share(model, ids):
     """Fraction of a keep-0.25 prefill spent in the eviction step (a separate, instrumented run)."""
-    from retake_ops.hf import cache as cache_module
+    from retake_ops.hf import attention
 
     spent = [0.0]
-    evict = cache_module.PivotKVLayer._evict
+    evict = attention.evict
 
-    def timed(self, *args):
+    def timed(*args):
         t0 = time.perf_counter()
-        evict(self, *args)
+        evict(*args)
         spent[0] += time.perf_counter() - t0
 
-    cache_module.PivotKVLayer._evict = timed
+    attention.evict = timed
     try:
         t0 = time.perf_counter()
         prefill(model, ids, "pivotkv_0.25")
         total = time.perf_counter() - t0
     finally:
-        cache_module.PivotKVLayer._evict = evict
+        attention.evict = evict
     return spent[0] / total
 
 

@@ -6,7 +6,7 @@ Model: Qwen2VLTextModel with Qwen2-VL-7B's language-model shape (28 layers, hidd
   uncompressed  the same chunks through a DynamicCache (the anchor)
   pivotkv       retake_ops.hf.chunked_prefill, keep_ratio 0.25 (the last chunk stays whole)
 Figures: prefill time of each, the time spent in the eviction step (CUDA events around
-PivotKVLayer._evict in a separate run) and its share of the PivotKV prefill (target <= 5%),
+retake_ops.hf.evict in a separate run) and its share of the PivotKV prefill (target <= 5%),
 peak extra memory of each against the uncompressed KV cache bytes (nothing O(L^2):
 the ratio stays O(1)), and the model FLOP rate against ctx.matmul_tflops, counting
 2 * (non-embedding parameters) per token plus 4 * Hq * D * q * kv per chunk of attention.
@@ -55,10 +55,12 @@ def _model(s, device):
 def _uncompressed(model, ids, chunk):
     from transformers import DynamicCache
 
+    from retake_ops.hf import cache_arg
+
     cache = DynamicCache()
     with torch.no_grad():
         for start in range(0, ids.shape[1], chunk):
-            model(ids[:, start:start + chunk], past_key_values=cache, use_cache=True)
+            model(ids[:, start:start + chunk], **cache_arg(model, cache), use_cache=True)
     return cache
 
 
@@ -72,25 +74,25 @@ def _pivotkv(model, ids, chunk):
 
 def _eviction_ms(ctx, model, ids, chunk):
     """Milliseconds inside the eviction step during one PivotKV prefill (after a warm-up run)."""
-    from retake_ops.hf import cache as cache_module
+    from retake_ops.hf import attention
 
     cuda = ctx.device.type == "cuda"
     spans = []
-    evict = cache_module.PivotKVLayer._evict
+    evict = attention.evict
 
-    def timed(self, *args):
+    def timed(*args):
         if cuda:
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
-            evict(self, *args)
+            evict(*args)
             end.record()
             spans.append((start, end))
         else:
             t0 = time.perf_counter()
-            evict(self, *args)
+            evict(*args)
             spans.append((time.perf_counter() - t0) * 1e3)
 
-    cache_module.PivotKVLayer._evict = timed
+    attention.evict = timed
     try:
         _pivotkv(model, ids, chunk)
         spans.clear()
@@ -100,7 +102,7 @@ def _eviction_ms(ctx, model, ids, chunk):
             return sum(s.elapsed_time(e) for s, e in spans)
         return sum(spans)
     finally:
-        cache_module.PivotKVLayer._evict = evict
+        attention.evict = evict
 
 
 def _flops(s, params, kept_per_chunk):

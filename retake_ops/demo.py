@@ -1,8 +1,15 @@
-"""The main job: DPSelect keyframes and question-aware frame selection on a video.
+"""The main job: a long video through a VideoLLM with ReTaKe, plus its two building blocks.
 
     retake-ops-demo                   # synthetic video with hard cuts (or python -m retake_ops.demo)
     retake-ops-demo --video clip.mp4  # a real video, decoded with PyAV
     retake-ops-demo --question "Where is the red scene?" --select 8
+    retake-ops-demo --model DIR       # a local Qwen2-VL / Qwen2.5-VL checkpoint instead of the tiny one
+
+VideoLLM: the video goes through a Qwen2-VL (by default a tiny one with random weights, built
+from a config: no download, and its answers are random tokens) twice, as is and with
+retake_ops.hf.apply_retake (DPSelect on the model's own frame features, chunked prefill with
+PivotKV); the demo prints the frames kept, the keyframes, the KV tokens each layer holds,
+prefill time and peak memory of both runs, and plots them.
 
 DPSelect: frames become features by a fixed random projection of pixel patches (a
 stand-in for a vision encoder), then retake_ops.dpselect keeps `--keep` of the frames,
@@ -12,8 +19,8 @@ and greedy NMS picks `--select` relevant, spread-out frames. The scorer is a CLI
 SigLIP checkpoint from a local folder (`--clip DIR`), or without one a transparent
 colour scorer that understands questions naming red, green or blue (the synthetic
 video's shots are tinted), so the demo runs offline.
-Writes a PNG of the distance curve (peaks, kept frames) and of the relevance scores
-(selected frames).
+Writes PNGs of the distance curve (peaks, kept frames), the relevance scores (selected
+frames) and the VideoLLM runs.
 """
 import argparse
 import pathlib
@@ -147,6 +154,135 @@ def plot(path, dist, peaks, kept, cuts, selection=None, question=None):
     plt.close(fig)
 
 
+def load_videollm(folder: str | None):
+    """(model, family name, note): a local Qwen2-VL / Qwen2.5-VL checkpoint, or the tiny random one."""
+    from .hf import tiny
+
+    if folder is None:
+        return tiny.tiny_qwen2_vl(), "a tiny Qwen2-VL with random weights, built from a config (no download)"
+    from transformers import AutoConfig, Qwen2_5_VLForConditionalGeneration, Qwen2VLForConditionalGeneration
+
+    model_type = AutoConfig.from_pretrained(folder, local_files_only=True).model_type
+    classes = {"qwen2_vl": Qwen2VLForConditionalGeneration, "qwen2_5_vl": Qwen2_5_VLForConditionalGeneration}
+    if model_type not in classes:
+        raise ValueError(f"--model {folder}: the demo runs Qwen2-VL and Qwen2.5-VL checkpoints (model_type "
+                         f"{sorted(classes)}), got {model_type!r}; other families work through "
+                         "retake_ops.hf.apply_retake in your own code")
+    model = classes[model_type].from_pretrained(folder, local_files_only=True, attn_implementation="sdpa").eval()
+    return model, f"{model_type} from {folder}"
+
+
+def videollm_inputs(model, folder, video, question):
+    """Processor-shaped inputs: the checkpoint's tokenizer and normalization when it has them."""
+    import json
+
+    from .hf import tiny
+
+    mean, std, prompt, asked = tiny.CLIP_MEAN, tiny.CLIP_STD, [5, 6, 7], [20, 21, 22, 23]
+    if folder is not None:
+        config = pathlib.Path(folder) / "preprocessor_config.json"
+        if config.exists():
+            settings = json.loads(config.read_text())
+            mean, std = settings.get("image_mean", mean), settings.get("image_std", std)
+        if (pathlib.Path(folder) / "tokenizer_config.json").exists():
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+            prompt = tokenizer("<|im_start|>user\n")["input_ids"]
+            asked = tokenizer(f"{question}<|im_end|>\n<|im_start|>assistant\n")["input_ids"]
+    patch = model.config.vision_config.patch_size * model.config.vision_config.spatial_merge_size
+    size = max(patch, round(112 / patch) * patch)
+    return tiny.video_inputs(model, [video], [prompt], [asked], size=size, mean=mean, std=std)
+
+
+def videollm_stage(args, video, out):
+    """Prefill (and a few greedy tokens) with and without ReTaKe; returns the figures."""
+    import time
+
+    from ._measure import peak_bytes
+    from .hf import RetakeConfig, apply_retake
+
+    model, note = load_videollm(args.model)
+    inputs = videollm_inputs(model, args.model, video, args.question)
+    tps = model.config.vision_config.temporal_patch_size
+    config = RetakeConfig(frame_keep_ratio=args.frame_keep, kv_keep_ratio=args.kv_keep, chunk_frames=args.chunk_frames,
+                          window=args.window)
+    print(f"VideoLLM: {note}")
+    runs = {}
+    with torch.no_grad():
+        for name in ("plain", "retake"):
+            handle = apply_retake(model, config) if name == "retake" else None
+            try:
+                seconds = float("inf")
+                for _ in range(2):  # the faster of two runs: the first also warms up
+                    start = time.perf_counter()
+                    model(**inputs, logits_to_keep=1)
+                    seconds = min(seconds, time.perf_counter() - start)
+                _, peak = peak_bytes(lambda: model(**inputs, logits_to_keep=1), inputs["input_ids"].device)
+                tokens = model.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=False)
+                report = handle.report if handle is not None else None
+            finally:
+                if handle is not None:
+                    handle.remove()
+            runs[name] = dict(seconds=seconds, peak=peak, report=report,
+                              answer=tokens[0, inputs["input_ids"].shape[1]:].tolist())
+    grid_t = int(inputs["video_grid_thw"][0, 0])
+    video_tokens = int((inputs["input_ids"] == model.config.video_token_id).sum())
+    real = int(inputs["attention_mask"].sum())
+    report = runs["retake"]["report"]
+    v = report.videos[0]
+    held = [int(h[0]) for h in report.held_tokens()]
+    kept_groups, key_groups = v.kept_frames.tolist(), v.keyframes.tolist()
+    print(f"  video: {video.shape[0]} frames -> {grid_t} temporal groups of {tps} frames, {video_tokens} video tokens, "
+          f"{real} tokens in all")
+    print(f"  DPSelect kept {len(kept_groups)} of {grid_t} groups (frame_keep_ratio={args.frame_keep}, "
+          f"window={args.window}); keyframe groups: {key_groups}")
+    print(f"  kept frames (first of each group): {[g * tps for g in kept_groups]}")
+    print(f"  KV tokens held per layer: plain {real} each; ReTaKe {held} (kv_keep_ratio={args.kv_keep}, "
+          f"chunk_frames={args.chunk_frames})")
+    for name, label in (("plain", "without ReTaKe"), ("retake", "with ReTaKe   ")):
+        r = runs[name]
+        print(f"  prefill {label}: {r['seconds']:.2f} s, peak memory {r['peak'] / 2**20:.1f} MiB "
+              f"(on top of the model); greedy tokens {r['answer']}")
+    png = out / "videollm.png"
+    plot_videollm(png, grid_t, kept_groups, key_groups, real, held, runs)
+    print(f"wrote {png}")
+    return {"groups": grid_t, "kept_groups": kept_groups, "keyframe_groups": key_groups, "held": held,
+            "tokens": real, "png": str(png),
+            "seconds": {k: r["seconds"] for k, r in runs.items()}, "peak": {k: r["peak"] for k, r in runs.items()}}
+
+
+def plot_videollm(path, groups, kept, keys, real, held, runs):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax, bx, cx) = plt.subplots(1, 3, figsize=(15, 3.6), gridspec_kw={"width_ratios": [3, 2, 2]})
+    ax.eventplot([range(groups), kept, keys], colors=["0.8", "tab:green", "tab:red"], lineoffsets=[2, 1, 0],
+                 linelengths=0.8)
+    ax.set_yticks([2, 1, 0], ["all groups", f"kept ({len(kept)})", f"keyframes ({len(keys)})"])
+    ax.set_xlabel("temporal group")
+    ax.set_title("DPSelect on the model's own frame features")
+    bx.bar(["plain"] + [f"ReTaKe\nlayer {i}" for i in range(len(held))], [real] + held,
+           color=["tab:gray"] + ["tab:blue"] * len(held))
+    bx.set_ylabel("KV tokens held")
+    bx.set_title("KV cache after the prefill")
+    names = ["plain", "ReTaKe"]
+    seconds = [runs["plain"]["seconds"], runs["retake"]["seconds"]]
+    peaks = [runs["plain"]["peak"] / 2**20, runs["retake"]["peak"] / 2**20]
+    cx.bar([0, 1], seconds, width=0.4, color="tab:orange", label="prefill s")
+    cx2 = cx.twinx()
+    cx2.bar([0.4, 1.4], peaks, width=0.4, color="tab:purple", label="peak MiB")
+    cx.set_xticks([0.2, 1.2], names)
+    cx.set_ylabel("prefill seconds")
+    cx2.set_ylabel("peak MiB")
+    cx.set_title("prefill time (orange), peak memory (purple)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--video", help="decode this video file with PyAV instead of the synthetic one")
@@ -159,7 +295,13 @@ def main(argv=None):
     ap.add_argument("--candidates", type=int, default=128, help="frames scored for the question")
     ap.add_argument("--clip", help="local folder of a CLIP or SigLIP checkpoint used to score frames")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--out", default="out", help="folder for dpselect.png")
+    ap.add_argument("--out", default="out", help="folder for the PNGs")
+    ap.add_argument("--model", help="local Qwen2-VL / Qwen2.5-VL checkpoint folder (default: a tiny random one)")
+    ap.add_argument("--no-llm", action="store_true", help="skip the VideoLLM stage")
+    ap.add_argument("--frame-keep", type=float, default=0.5, help="ReTaKe frame_keep_ratio")
+    ap.add_argument("--kv-keep", type=float, default=0.4, help="ReTaKe kv_keep_ratio")
+    ap.add_argument("--chunk-frames", type=int, default=32, help="ReTaKe chunk_frames")
+    ap.add_argument("--max-new-tokens", type=int, default=8, help="greedy tokens generated after each prefill")
     args = ap.parse_args(argv)
 
     if args.video:
@@ -199,8 +341,16 @@ def main(argv=None):
     png = out / "dpselect.png"
     plot(png, dist, peaks, idx[0], cuts, selection, args.question)
     print(f"wrote {png}")
-    return {"keyframes": keyframes, "kept": idx[0].tolist(), "cuts": cuts, "png": str(png),
-            "selected": [] if selection is None else selection.indices.tolist()}
+    result = {"keyframes": keyframes, "kept": idx[0].tolist(), "cuts": cuts, "png": str(png),
+              "selected": [] if selection is None else selection.indices.tolist()}
+    if not args.no_llm:
+        try:
+            import transformers  # noqa: F401
+        except ImportError:
+            print("VideoLLM stage skipped: it needs transformers (pip install 'retake-ops[demo]')")
+            return result
+        result["videollm"] = videollm_stage(args, video, out)
+    return result
 
 
 def cli() -> int:

@@ -6,7 +6,7 @@ from retake_ops import demo
 
 
 def test_synthetic_video_cuts_become_keyframes(tmp_path, capsys):
-    result = demo.main(["--frames", "120", "--shots", "4", "--out", str(tmp_path)])
+    result = demo.main(["--frames", "120", "--shots", "4", "--out", str(tmp_path), "--no-llm"])
     assert len(result["cuts"]) == 3
     assert set(result["cuts"]) <= set(result["keyframes"])  # hard cuts are distance peaks
     assert len(result["kept"]) == 30 and result["kept"] == sorted(result["kept"])
@@ -18,7 +18,7 @@ def test_synthetic_video_cuts_become_keyframes(tmp_path, capsys):
 @pytest.mark.parametrize("colour, channel", [("red", 0), ("green", 1), ("blue", 2)])
 def test_question_selects_spread_out_frames_of_that_colour(tmp_path, colour, channel):
     result = demo.main(["--frames", "150", "--shots", "6", "--select", "5", "--question",
-                        f"Where is the {colour} scene?", "--out", str(tmp_path)])
+                        f"Where is the {colour} scene?", "--out", str(tmp_path), "--no-llm"])
     video, _ = demo.synthetic_video(150, 6, seed=0)
     picked = video[result["selected"]].float().mean(dim=(1, 2))
     assert len(result["selected"]) == 5 and result["selected"] == sorted(result["selected"])
@@ -29,7 +29,7 @@ def test_question_selects_spread_out_frames_of_that_colour(tmp_path, colour, cha
 
 def test_question_without_a_colour_needs_a_clip_model(tmp_path):
     with pytest.raises(ValueError, match="without --clip the demo scores questions that name exactly one of"):
-        demo.main(["--frames", "40", "--question", "What happens?", "--out", str(tmp_path)])
+        demo.main(["--frames", "40", "--question", "What happens?", "--out", str(tmp_path), "--no-llm"])
 
 
 def test_video_file_is_decoded_with_pyav(tmp_path):
@@ -44,6 +44,42 @@ def test_video_file_is_decoded_with_pyav(tmp_path):
         container.mux(stream.encode())
     decoded = demo.decode_video(str(path), max_frames=48)
     assert decoded.shape == (48, demo.SIZE, demo.SIZE, 3) and decoded.dtype == torch.uint8
-    result = demo.main(["--video", str(path), "--out", str(tmp_path)])
+    result = demo.main(["--video", str(path), "--out", str(tmp_path), "--no-llm"])
     assert result["cuts"] == [] and len(result["kept"]) == 12
     assert set(cuts) <= set(result["keyframes"])
+
+
+def test_videollm_stage_runs_the_tiny_qwen2_vl_with_and_without_retake(tmp_path, capsys):
+    result = demo.main(["--frames", "32", "--shots", "3", "--select", "0", "--out", str(tmp_path),
+                        "--max-new-tokens", "2"])["videollm"]
+    out = capsys.readouterr().out
+    assert "a tiny Qwen2-VL with random weights, built from a config (no download)" in out
+    assert result["groups"] == 16 and len(result["kept_groups"]) == 8  # frame_keep_ratio 0.5 of 16 groups
+    assert set(result["keyframe_groups"]) <= set(result["kept_groups"])
+    video_tokens = 16 * 16  # 112 x 112 frames: 8 x 8 patches, 2 x 2 merged, per temporal group of 2 frames
+    assert result["tokens"] == video_tokens + 3 + 2 + 4  # prompt, <vision_start/end>, question
+    assert all(held < result["tokens"] / 2 for held in result["held"])
+    assert set(result["seconds"]) == set(result["peak"]) == {"plain", "retake"}
+    assert all(v > 0 for v in result["peak"].values())
+    assert (tmp_path / "videollm.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_videollm_stage_loads_a_local_checkpoint(tmp_path, capsys):
+    from retake_ops.hf.tiny import tiny_qwen2_vl
+
+    folder = tmp_path / "ckpt"
+    tiny_qwen2_vl(layers=2, hidden=128).save_pretrained(folder)
+    result = demo.main(["--frames", "16", "--shots", "2", "--select", "0", "--out", str(tmp_path),
+                        "--max-new-tokens", "1", "--model", str(folder)])["videollm"]
+    assert f"VideoLLM: qwen2_vl from {folder}" in capsys.readouterr().out
+    assert len(result["held"]) == 2
+
+
+def test_videollm_stage_refuses_other_families(tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    folder = tmp_path / "llama"
+    LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                                 vocab_size=64)).save_pretrained(folder)
+    with pytest.raises(ValueError, match=r"the demo runs Qwen2-VL and Qwen2.5-VL checkpoints .* got 'llama'"):
+        demo.main(["--frames", "16", "--select", "0", "--out", str(tmp_path), "--model", str(folder)])

@@ -21,7 +21,10 @@ from transformers.models.qwen2_vl.configuration_qwen2_vl import Qwen2VLTextConfi
 from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VLTextModel
 
 import retake_ops
-from retake_ops.hf import PivotKVCache, chunked_prefill, disable_pivotkv_attention
+from retake_ops.hf import PivotKVCache, cache_arg, chunked_prefill, disable_pivotkv_attention, enable_pivotkv_attention
+
+# transformers' own deprecations must not come out of retake_ops' calls.
+pytestmark = pytest.mark.filterwarnings("error::FutureWarning", "error::DeprecationWarning")
 
 TOL = 1e-4
 VOCAB = 128
@@ -113,9 +116,10 @@ def oracle_forward(model, impl, seq, kept, prefill_len, chunk, **kwargs):
     ends[:prefill_len] = chunk_ends(prefill_len, chunk, seq.device)
     queries = torch.arange(n, device=seq.device)
     for layer, positions in enumerate(kept):
-        evicted = torch.ones(batch, n, dtype=torch.bool, device=seq.device)
+        evicted = torch.ones(batch, n + 1, dtype=torch.bool, device=seq.device)
         evicted[:, prefill_len:] = False
-        evicted.scatter_(1, positions, False)
+        evicted.scatter_(1, positions.masked_fill(positions < 0, n), False)  # -1: a slot without a token
+        evicted = evicted[:, :n]
         HIDE[layer] = evicted[:, None, :] & (queries[None, :, None] >= ends[None, None, :])
     config = model.config.get_text_config(decoder=True)
     previous = config._attn_implementation
@@ -171,8 +175,8 @@ def test_keep_ratio_one_is_the_uncompressed_model(arch, impl):
     ref_cache = DynamicCache()
     for s in range(0, prefill_len, chunk):
         chunk_ids = ids[:, s:min(s + chunk, prefill_len)]
-        ref_last = model(chunk_ids, past_key_values=ref_cache, logits_to_keep=1).logits[:, -1]
-    ref_cont = model(ids[:, prefill_len:], past_key_values=ref_cache).logits
+        ref_last = model(chunk_ids, **cache_arg(model, ref_cache), logits_to_keep=1).logits[:, -1]
+    ref_cont = model(ids[:, prefill_len:], **cache_arg(model, ref_cache)).logits
     full = model(ids).logits
     prompt = ids[:, :prefill_len + 1]
     ref_gen = model.generate(prompt, max_new_tokens=steps, do_sample=False)
@@ -180,7 +184,7 @@ def test_keep_ratio_one_is_the_uncompressed_model(arch, impl):
     cache = PivotKVCache(keep_ratio=1.0)
     last = chunked_prefill(model, ids[:, :prefill_len], cache=cache, chunk_size=chunk,
                            pivot_mask=random_pivots(1, prefill_len, 2))
-    out = model(ids[:, prefill_len:], past_key_values=cache).logits
+    out = model(ids[:, prefill_len:], **cache_arg(model, cache)).logits
     assert torch.equal(last, ref_last)
     assert torch.equal(out, ref_cont)
     torch.testing.assert_close(out, full[:, prefill_len:], rtol=0, atol=1e-5)
@@ -188,7 +192,7 @@ def test_keep_ratio_one_is_the_uncompressed_model(arch, impl):
 
     cache = PivotKVCache(keep_ratio=1.0)
     chunked_prefill(model, prompt[:, :-1], cache=cache, chunk_size=chunk)
-    gen = model.generate(input_ids=prompt, past_key_values=cache, max_new_tokens=steps, do_sample=False)
+    gen = model.generate(input_ids=prompt, **cache_arg(model, cache), max_new_tokens=steps, do_sample=False)
     assert torch.equal(gen, ref_gen)
 
 
@@ -207,7 +211,7 @@ def test_compressed_run_equals_oracle(arch, impl):
     last = chunked_prefill(model, ids[:, :prefill_len], cache=cache, chunk_size=chunk, pivot_mask=pivots)
     kept = kept_of(cache, model)
     # A plain call without positions or mask continues at the original positions.
-    out = model(ids[:, prefill_len:prefill_len + cont], past_key_values=cache).logits
+    out = model(ids[:, prefill_len:prefill_len + cont], **cache_arg(model, cache)).logits
     assert cache.get_seq_length() == prefill_len + cont
     oracle = oracle_forward(model, impl, ids[:, :prefill_len + cont], kept, prefill_len, chunk)
     torch.testing.assert_close(last, oracle[:, prefill_len - 1], rtol=0, atol=TOL)
@@ -228,7 +232,7 @@ def test_compressed_run_equals_oracle(arch, impl):
     cache = PivotKVCache(keep_ratio=ratio)
     chunked_prefill(model, prompt[:, :-1], cache=cache, chunk_size=chunk, pivot_mask=pivots)
     kept = kept_of(cache, model)
-    gen = model.generate(input_ids=prompt, past_key_values=cache, max_new_tokens=steps, do_sample=False)
+    gen = model.generate(input_ids=prompt, **cache_arg(model, cache), max_new_tokens=steps, do_sample=False)
     assert torch.equal(gen, oracle_greedy(model, impl, prompt, kept, prefill_len, chunk, steps))
 
 
@@ -257,7 +261,7 @@ def test_qwen2_vl_text_model_with_mrope_positions_equals_oracle(impl):
     last = chunked_prefill(model, inputs_embeds=embeds[:, :prefill_len], cache=cache, chunk_size=chunk,
                            position_ids=positions[..., :prefill_len], compress_mask=compress)
     out = model(inputs_embeds=embeds[:, prefill_len:], position_ids=positions[..., prefill_len:],
-                past_key_values=cache).last_hidden_state
+                **cache_arg(model, cache)).last_hidden_state
     kept = kept_of(cache, model)
     oracle = oracle_forward(model, impl, embeds[..., 0], kept, prefill_len, chunk, inputs_embeds=embeds,
                             position_ids=positions)
@@ -279,7 +283,7 @@ def test_compress_mask_protects_tokens_and_inputs_embeds(impl):
     cache = PivotKVCache(keep_ratio=ratio)
     last = chunked_prefill(model, inputs_embeds=embeds, cache=cache, chunk_size=chunk, compress_mask=compress)
     kept = kept_of(cache, model)
-    out = model(ids[:, prefill_len:], past_key_values=cache).logits
+    out = model(ids[:, prefill_len:], **cache_arg(model, cache)).logits
     oracle = oracle_forward(model, impl, ids, kept, prefill_len, chunk)
     torch.testing.assert_close(last, oracle[:, prefill_len - 1], rtol=0, atol=TOL)
     torch.testing.assert_close(out, oracle[:, prefill_len:], rtol=0, atol=TOL)
@@ -333,7 +337,7 @@ def test_left_padded_batch_equals_oracle(arch, impl):
     n = prefill_len + cont
     positions = generate_positions(mask[:, :n])
     out = model(ids[:, prefill_len:n], attention_mask=mask[:, :n], position_ids=positions[:, prefill_len:],
-                past_key_values=cache).logits
+                **cache_arg(model, cache)).logits
     oracle = oracle_forward(model, impl, ids[:, :n], kept, prefill_len, chunk, attention_mask=mask[:, :n],
                             position_ids=positions)
     real = mask[:, :prefill_len].bool()
@@ -342,16 +346,16 @@ def test_left_padded_batch_equals_oracle(arch, impl):
 
     for layer, held in enumerate(kept):
         valid = cache.kept_valid(layer)[:, :held.shape[1]]  # the continuation was appended after
-        assert torch.equal(valid, real.gather(1, held))
+        assert torch.equal(valid, held >= 0)
+        assert torch.equal(valid, valid & real.gather(1, held.clamp(min=0)))  # padding is never kept
         for s in range(0, prefill_len, chunk):
             e = min(s + chunk, prefill_len)
             n_real = real[:, s:e].sum(1).tolist()
-            # Every row holds as many slots as the row with the most real tokens asks for (padding
-            # does not count); a row fills them with real tokens first, padding only when it runs out.
-            slots = max(n if e == prefill_len else keep_tokens(n, ratio) for n in n_real if n > 0)
+            # Each row keeps exactly what it would keep alone; rows that keep fewer than the
+            # largest fill their slots with masked ones (position -1).
+            want = [n if e == prefill_len else keep_tokens(n, ratio) if n else 0 for n in n_real]
             in_chunk = (held >= s) & (held < e)
-            assert in_chunk.sum(1).tolist() == [slots, slots]
-            assert (in_chunk & valid).sum(1).tolist() == [min(slots, n) for n in n_real]
+            assert in_chunk.sum(1).tolist() == want
         assert torch.isin(torch.nonzero(pivots[0]).flatten(), held[0]).all()
         assert torch.isin(torch.nonzero(pivots[1] & real[1]).flatten(), held[1]).all()
 
@@ -360,13 +364,13 @@ def test_left_padded_batch_equals_oracle(arch, impl):
     chunked_prefill(model, prompt[:, :-1], cache=cache, chunk_size=chunk, pivot_mask=pivots,
                     attention_mask=mask[:, :prefill_len])
     kept = kept_of(cache, model)
-    gen = model.generate(input_ids=prompt, attention_mask=mask[:, :prefill_len + 1], past_key_values=cache,
+    gen = model.generate(input_ids=prompt, attention_mask=mask[:, :prefill_len + 1], **cache_arg(model, cache),
                          max_new_tokens=steps, do_sample=False)
     assert torch.equal(gen, oracle_greedy(model, impl, prompt, kept, prefill_len, chunk, steps,
                                           attention_mask=mask[:, :prefill_len + 1]))
 
 
-def test_rows_with_different_evictable_counts_keep_one_count():
+def test_rows_keep_their_own_budget():
     model = build("qwen3", "sdpa")
     prefill_len, chunk, ratio = 96, 32, 0.25
     ids = torch.randint(3, 120, (2, prefill_len + 3), generator=torch.Generator().manual_seed(9))
@@ -376,15 +380,34 @@ def test_rows_with_different_evictable_counts_keep_one_count():
     cache = PivotKVCache(keep_ratio=ratio)
     last = chunked_prefill(model, ids[:, :prefill_len], cache=cache, chunk_size=chunk, compress_mask=compress)
     kept = kept_of(cache, model)
-    out = model(ids[:, prefill_len:], past_key_values=cache).logits
+    out = model(ids[:, prefill_len:], **cache_arg(model, cache)).logits
     oracle = oracle_forward(model, "sdpa", ids, kept, prefill_len, chunk)
     torch.testing.assert_close(last, oracle[:, prefill_len - 1], rtol=0, atol=TOL)
     torch.testing.assert_close(out, oracle[:, prefill_len:], rtol=0, atol=TOL)
-    for held in kept:
-        chunk0 = (held < chunk).sum(1)
-        # row 0: 12 protected + keep_tokens(20); row 1 keeps as many, its best-scored real tokens.
-        assert chunk0.tolist() == [12 + keep_tokens(20, ratio)] * 2
+    for layer, held in enumerate(kept):
+        chunk0 = ((held >= 0) & (held < chunk)).sum(1)
+        # row 0: 12 protected + keep_tokens(20); row 1: keep_tokens(32), then masked filler slots.
+        assert chunk0.tolist() == [12 + keep_tokens(20, ratio), keep_tokens(32, ratio)]
         assert torch.isin(torch.arange(10, 22), held[0]).all()
+        n_fill = 12 + keep_tokens(20, ratio) - keep_tokens(32, ratio)
+        assert int((~cache.kept_valid(layer)[1]).sum()) == n_fill
+    # Row 1 alone keeps exactly what it kept in the batch.
+    alone = PivotKVCache(keep_ratio=ratio)
+    chunked_prefill(model, ids[1:, :prefill_len], cache=alone, chunk_size=chunk, compress_mask=compress[1:])
+    for layer, held in enumerate(kept):
+        assert torch.equal(held[1][held[1] >= 0], alone.kept_positions(layer)[0])
+
+
+def test_default_compress_mask_keeps_the_whole_last_chunk_when_it_is_full():
+    """L a multiple of chunk_size: the last chunk [L - chunk, L) stays whole, every earlier one is evicted."""
+    model = build("llama", "sdpa")
+    prefill_len, chunk, ratio = 96, 32, 0.25
+    ids = torch.randint(3, 120, (1, prefill_len), generator=torch.Generator().manual_seed(21))
+    cache = PivotKVCache(keep_ratio=ratio)
+    chunked_prefill(model, ids, cache=cache, chunk_size=chunk)
+    for held in kept_of(cache, model):
+        counts = [int(((held >= s) & (held < s + chunk)).sum()) for s in range(0, prefill_len, chunk)]
+        assert counts == [keep_tokens(chunk, ratio), keep_tokens(chunk, ratio), chunk]
 
 
 @pytest.mark.parametrize("force_pivots", [True, False])
@@ -416,7 +439,7 @@ def test_cache_bookkeeping_follows_batch_operations():
     chunked_prefill(model, ids[:, :70], cache=cache, chunk_size=16)
     held = cache.kept_positions(0).clone()
     keys = cache.layers[0].keys.clone()
-    model(ids[:, 70:], past_key_values=cache)
+    model(ids[:, 70:], **cache_arg(model, cache))
     cache.crop(-5)  # as assisted decoding does: drop tokens that were appended, never evicted
     assert cache.get_seq_length() == 70
     assert torch.equal(cache.kept_positions(0), held)
@@ -498,9 +521,77 @@ def test_model_whose_attention_bypasses_the_interface_is_rejected():
         chunked_prefill(model, torch.ones(1, 8, dtype=torch.long), cache=PivotKVCache(), chunk_size=4)
 
 
-def test_switching_back_restores_the_original_attention():
-    model = build("llama", "eager")
-    chunked_prefill(model, torch.ones(1, 8, dtype=torch.long), cache=PivotKVCache(), chunk_size=4)
-    assert model.config._attn_implementation == "retake_pivotkv_eager"
+@pytest.mark.parametrize("arch", ["llama", "qwen2_vl"])
+def test_switching_back_restores_the_original_attention(arch):
+    model = build(arch, "eager")
+    ids = torch.randint(3, 120, (1, 40), generator=torch.Generator().manual_seed(22))
+    before = model(ids).logits
+    text = model.config.get_text_config(decoder=True)
+    chunked_prefill(model, ids[:, :8], cache=PivotKVCache(), chunk_size=4)
+    assert text._attn_implementation == "retake_pivotkv_eager"
     disable_pivotkv_attention(model)
+    assert text._attn_implementation == "eager"
     assert model.config._attn_implementation == "eager"
+    assert not any(module._forward_pre_hooks for module in model.modules())
+    assert torch.equal(model(ids).logits, before)
+    with enable_pivotkv_attention(model) as switch:
+        assert switch.active and text._attn_implementation == "retake_pivotkv_eager"
+        assert torch.equal(model(ids).logits, before)  # other caches pass straight through
+    assert text._attn_implementation == "eager" and not switch.active
+
+
+def test_cache_used_without_chunked_prefill_warns():
+    model = build("llama", "sdpa")
+    ids = torch.randint(3, 120, (1, 20), generator=torch.Generator().manual_seed(23))
+    cache = PivotKVCache(keep_ratio=0.25)
+    with pytest.warns(UserWarning, match=r"PivotKVCache: a forward added 20 tokens outside a chunked prefill, so "
+                                         r"nothing was evicted"):
+        model.generate(input_ids=ids, **cache_arg(model, cache), max_new_tokens=3, do_sample=False)
+    assert cache.kept_positions(0).shape[1] == 22  # nothing evicted
+
+
+@pytest.mark.parametrize("policy", ["evict", "keep", "raise"])
+def test_pivots_outnumbering_the_budget(policy):
+    model = build("llama", "sdpa")
+    prefill_len, chunk, ratio = 64, 32, 0.25
+    ids = torch.randint(3, 120, (1, prefill_len), generator=torch.Generator().manual_seed(24))
+    pivots = torch.zeros(1, prefill_len, dtype=torch.bool)
+    pivots[:, :12] = True  # 12 pivots in chunk 0, whose budget is keep_tokens(32, 0.25) = 8
+    cache = PivotKVCache(keep_ratio=ratio, pivot_overflow=policy)
+    if policy == "raise":
+        with pytest.raises(ValueError, match=r"chunk 0 row 0: 12 pivots for 8 kept; 1 chunk row\(s\) in all\) "
+                                             r"and pivot_overflow='raise'"):
+            chunked_prefill(model, ids, cache=cache, chunk_size=chunk, pivot_mask=pivots)
+        return
+    with pytest.warns(UserWarning, match=r"pivot tokens outnumber the keep budget in 1 chunk row\(s\) "
+                                         r"\(chunk 0 row 0: 12 pivots for 8 kept\); pivot_overflow='" + policy):
+        last = chunked_prefill(model, ids, cache=cache, chunk_size=chunk, pivot_mask=pivots)
+    oracle = oracle_forward(model, "sdpa", ids, kept_of(cache, model), prefill_len, chunk)
+    torch.testing.assert_close(last, oracle[:, -1], rtol=0, atol=TOL)
+    for held in kept_of(cache, model):
+        chunk0 = held[0][held[0] < chunk]
+        if policy == "keep":
+            assert torch.equal(chunk0, torch.arange(12))
+        else:
+            assert chunk0.numel() == 8 and bool((chunk0 < 12).all())
+
+
+def test_pivot_overflow_policy_is_validated():
+    with pytest.raises(ValueError, match=r"pivot_overflow must be one of \['evict', 'keep', 'raise'\], got 'drop'"):
+        PivotKVCache(pivot_overflow="drop")
+
+
+def test_vision_inputs_are_rejected_with_a_pointer_to_apply_retake():
+    model = build("qwen2_vl", "sdpa")
+    with pytest.raises(ValueError, match=r"got \['pixel_values_videos'\].*use retake_ops.hf.apply_retake"):
+        chunked_prefill(model, torch.ones(1, 8, dtype=torch.long), cache=PivotKVCache(), chunk_size=4,
+                        pixel_values_videos=torch.zeros(4, 24))
+
+
+def test_generate_with_its_own_prefill_chunks_warns_that_nothing_is_evicted():
+    model = build("llama", "sdpa")
+    ids = torch.randint(3, 120, (1, 40), generator=torch.Generator().manual_seed(25))
+    cache = PivotKVCache(keep_ratio=0.25)
+    with pytest.warns(UserWarning, match=r"outside a chunked prefill, so nothing was evicted"):
+        model.generate(input_ids=ids, **cache_arg(model, cache), max_new_tokens=2, do_sample=False,
+                       prefill_chunk_size=16)

@@ -17,11 +17,13 @@ from transformers import (AttentionInterface, DynamicCache, LlamaConfig, LlamaFo
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from retake_ops.hf import PivotKVCache, chunked_prefill
+from retake_ops.hf import PivotKVCache, cache_arg, chunked_prefill
 from retake_ops.hf.reforge import model_rope
 from test_hf_pivotkv import _no_grad  # noqa: F401  (autouse fixture: every test runs without grad)
-from test_hf_pivotkv import COMMON, _qwen2_vl, generate_positions, keep_tokens, random_pivots
+from test_hf_pivotkv import COMMON, generate_positions, keep_tokens, random_pivots
 from test_hf_pivotkv import build as build_model
+
+pytestmark = pytest.mark.filterwarnings("error::FutureWarning", "error::DeprecationWarning")
 
 TOL = 1e-4
 ROPES = {
@@ -64,14 +66,10 @@ def reforged_positions(valid, compress, prefill_len, chunk, ratio):
         real = valid[:, s:e]
         cand = real & compress[:, s:e]
         n_cand = cand.sum(1).tolist()
-        n_prot = (real & ~compress[:, s:e]).sum(1).tolist()
-        slots = max(p + (keep_tokens(c, ratio) if c else 0) for p, c in zip(n_prot, n_cand))
         for b in range(batch):
             run[b, s:e] -= shift[b]
             moved[b, s:e] = run[b, s:e]
-            if slots == e - s:
-                continue  # nothing evicted in this chunk
-            k = min(slots - n_prot[b], n_cand[b])
+            k = keep_tokens(n_cand[b], ratio) if n_cand[b] else 0  # each row keeps its own budget
             before = 0
             for j in range(s, e):
                 if valid[b, j]:
@@ -137,9 +135,10 @@ class Oracle:
         ends[:prefill_len] = torch.clamp((j // chunk + 1) * chunk, max=prefill_len)
         queries = torch.arange(n)
         for layer, positions in enumerate(kept):
-            evicted = torch.ones(batch, n, dtype=torch.bool)
+            evicted = torch.ones(batch, n + 1, dtype=torch.bool)
             evicted[:, prefill_len:] = False
-            evicted.scatter_(1, positions, False)
+            evicted.scatter_(1, positions.masked_fill(positions < 0, n), False)  # -1: a slot without a token
+            evicted = evicted[:, :n]
             HIDE[layer] = evicted[:, None, :] & (queries[None, :, None] >= ends[None, None, :])
         self.cache = DynamicCache()
         self.logits = []
@@ -155,7 +154,7 @@ class Oracle:
         config = self.model.config
         previous, config._attn_implementation = config._attn_implementation, "reforge_oracle_" + self.impl
         try:
-            out = self.model(self.ids[:, s:e], past_key_values=self.cache, position_ids=self.run[:, s:e],
+            out = self.model(self.ids[:, s:e], **cache_arg(self.model, self.cache), position_ids=self.run[:, s:e],
                              attention_mask=self.valid[:, :e].long())
         finally:
             config._attn_implementation = previous
@@ -183,9 +182,9 @@ def test_unrotate_rerotate_round_trip(rope_type):
     b = torch.randint(0, 1000, (2, 9), generator=g)
     at_a = apply(raw, raw, *rotary(raw, a))[1]
     at_b = apply(raw, raw, *rotary(raw, b))[1]
-    moved = rope.rerotate(at_a, a, b)
+    moved = rope.rerotate(at_a, a[..., None], b[..., None])
     torch.testing.assert_close(moved, at_b, rtol=0, atol=1e-5)
-    torch.testing.assert_close(rope.rerotate(moved, b, a), at_a, rtol=0, atol=1e-5)
+    torch.testing.assert_close(rope.rerotate(moved, b[..., None], a[..., None]), at_a, rtol=0, atol=1e-5)
     assert not torch.allclose(at_a, at_b, atol=1e-2)
 
 
@@ -202,10 +201,10 @@ def test_keep_ratio_one_reforging_is_the_identity(arch, impl):
     for reforge in (False, True):
         cache = PivotKVCache(keep_ratio=1.0, reforge_positions=reforge)
         last = chunked_prefill(model, ids[:, :prefill_len], cache=cache, chunk_size=chunk)
-        out = model(ids[:, prefill_len:], past_key_values=cache).logits
+        out = model(ids[:, prefill_len:], **cache_arg(model, cache)).logits
         cache = PivotKVCache(keep_ratio=1.0, reforge_positions=reforge)
         chunked_prefill(model, ids[:, :prefill_len], cache=cache, chunk_size=chunk)
-        gen = model.generate(input_ids=ids[:, :prefill_len + 1], past_key_values=cache, max_new_tokens=steps,
+        gen = model.generate(input_ids=ids[:, :prefill_len + 1], **cache_arg(model, cache), max_new_tokens=steps,
                              do_sample=False)
         runs.append((last, out, gen))
     for plain, reforged_run in zip(*runs):
@@ -228,27 +227,27 @@ def test_reforged_run_equals_oracle(arch, impl):
     cache = reforged(ratio)
     last = chunked_prefill(model, ids[:, :prefill_len], cache=cache, chunk_size=chunk, pivot_mask=pivots)
     kept = [cache.kept_positions(layer).clone() for layer in range(2)]
-    out = model(ids[:, prefill_len:], past_key_values=cache).logits  # plain call: positions from the cache
+    out = model(ids[:, prefill_len:], **cache_arg(model, cache)).logits  # plain call: positions from the cache
     oracle = Oracle(model, impl, ids, valid, kept, prefill_len, chunk, ratio)
     want = oracle.forward(prefill_len, prefill_len + cont)
     torch.testing.assert_close(last, oracle.logits[-2][:, -1], rtol=0, atol=TOL)
     torch.testing.assert_close(out, want, rtol=0, atol=TOL)
     assert cache.get_seq_length() == prefill_len + cont
     # 4 evicted chunks of 32 keep 8 each: 96 positions given up.
-    assert oracle.shift.tolist() == [96] and cache.position_shift().tolist() == [96]
+    assert oracle.shift.tolist() == [96] and cache.position_shift.tolist() == [96]
     for layer, held in enumerate(kept):
-        expect = torch.cat([oracle.moved.gather(1, held), oracle.run[:, prefill_len:]], dim=1)
+        expect = torch.cat([oracle.moved.gather(1, held.clamp(min=0)), oracle.run[:, prefill_len:]], dim=1)
         assert torch.equal(cache.reforged_positions(layer), expect)
     plain = PivotKVCache(keep_ratio=ratio)
     chunked_prefill(model, ids[:, :prefill_len], cache=plain, chunk_size=chunk, pivot_mask=pivots)
-    assert (model(ids[:, prefill_len:], past_key_values=plain).logits - out).abs().max() > 1e-3
+    assert (model(ids[:, prefill_len:], **cache_arg(model, plain)).logits - out).abs().max() > 1e-3
 
     # generate() after a prefill of all but the last prompt token, greedy, token for token.
     prompt = ids[:, :prefill_len + 1]
     cache = reforged(ratio)
     chunked_prefill(model, prompt[:, :-1], cache=cache, chunk_size=chunk, pivot_mask=pivots)
     kept = [cache.kept_positions(layer).clone() for layer in range(2)]
-    gen = model.generate(input_ids=prompt, past_key_values=cache, max_new_tokens=steps, do_sample=False)
+    gen = model.generate(input_ids=prompt, **cache_arg(model, cache), max_new_tokens=steps, do_sample=False)
     assert torch.equal(gen, oracle_greedy(model, impl, prompt, kept, prefill_len, chunk, ratio, steps))
 
 
@@ -287,24 +286,24 @@ def test_left_padded_batch_with_protected_span_equals_oracle(impl):
                            attention_mask=mask[:, :prefill_len], compress_mask=compress)
     kept = [cache.kept_positions(layer).clone() for layer in range(2)]
     out = model(ids[:, prefill_len:], attention_mask=mask, position_ids=generate_positions(mask)[:, prefill_len:],
-                past_key_values=cache).logits
+                **cache_arg(model, cache)).logits
     oracle = Oracle(model, impl, ids, valid, kept, prefill_len, chunk, ratio, compress)
     want = oracle.forward(prefill_len, prefill_len + cont)
     torch.testing.assert_close(last, oracle.logits[-2][:, -1], rtol=0, atol=TOL)
     torch.testing.assert_close(out, want, rtol=0, atol=TOL)
-    assert torch.equal(cache.position_shift(), oracle.shift)
+    assert torch.equal(cache.position_shift, oracle.shift)
     assert oracle.shift[0] > oracle.shift[1] > 0  # the padded row has fewer real tokens to give up
     for layer, held in enumerate(kept):
         real = cache.kept_valid(layer)[:, :held.shape[1]]
         got = cache.reforged_positions(layer)[:, :held.shape[1]]
-        assert torch.equal(got[real], oracle.moved.gather(1, held)[real])
+        assert torch.equal(got[real], oracle.moved.gather(1, held.clamp(min=0))[real])
 
     prompt = ids[:, :prefill_len + 1]
     cache = reforged(ratio)
     chunked_prefill(model, prompt[:, :-1], cache=cache, chunk_size=chunk, pivot_mask=pivots,
                     attention_mask=mask[:, :prefill_len], compress_mask=compress)
     kept = [cache.kept_positions(layer).clone() for layer in range(2)]
-    gen = model.generate(input_ids=prompt, attention_mask=mask[:, :prefill_len + 1], past_key_values=cache,
+    gen = model.generate(input_ids=prompt, attention_mask=mask[:, :prefill_len + 1], **cache_arg(model, cache),
                          max_new_tokens=steps, do_sample=False)
     assert torch.equal(gen, oracle_greedy(model, impl, prompt, kept, prefill_len, chunk, ratio, steps,
                                           valid=valid[:, :prefill_len + 1], compress=compress))
@@ -317,13 +316,6 @@ def test_left_padded_batch_with_protected_span_equals_oracle(impl):
 def test_reforge_flag_must_be_bool(bad):
     with pytest.raises(ValueError, match=r"reforge_positions must be a bool, got"):
         PivotKVCache(reforge_positions=bad)
-
-
-def test_mrope_model_is_rejected():
-    model = _qwen2_vl("sdpa").eval()
-    with pytest.raises(ValueError, match=r"model Qwen2VLForConditionalGeneration uses multimodal RoPE "
-                                         r"\(mrope_section\); re-forging supports 1-D positions only"):
-        chunked_prefill(model, torch.ones(1, 8, dtype=torch.long), cache=reforged(), chunk_size=4)
 
 
 def test_model_without_rotary_module_is_rejected():
@@ -352,9 +344,9 @@ def test_multimodal_position_ids_are_rejected():
     model = build("llama", "sdpa")
     cache = reforged()
     chunked_prefill(model, torch.ones(1, 8, dtype=torch.long), cache=cache, chunk_size=4)
-    with pytest.raises(ValueError, match=r"position_ids must be \[B, L\] \(1-D positions\), got shape \[3, 1, 2\]"):
+    with pytest.raises(ValueError, match=r"position_ids must be \[B, L\] \(1-D positions\) for this model.s 1-D RoPE, got shape \[3, 1, 2\]"):
         model(torch.ones(1, 2, dtype=torch.long), position_ids=torch.zeros(3, 1, 2, dtype=torch.long),
-              past_key_values=cache)
+              **cache_arg(model, cache))
 
 
 def test_reforged_positions_of_a_plain_cache_are_rejected():

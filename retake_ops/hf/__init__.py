@@ -1,15 +1,31 @@
-"""Hugging Face transformers integration: PivotKV for any decoder, without copying model code.
+"""Hugging Face transformers integration: PivotKV for any decoder, ReTaKe for VideoLLMs in one line.
 
-    cache = PivotKVCache(keep_ratio=0.25)
-    chunked_prefill(model, prompt[:, :-1], cache=cache, chunk_size=8192)
-    model.generate(input_ids=prompt, past_key_values=cache, max_new_tokens=64)
+    handle = apply_retake(model, RetakeConfig(frame_keep_ratio=0.5, kv_keep_ratio=0.25))
+    model.generate(**processor_outputs, max_new_tokens=64)
 
-`PivotKVCache(..., reforge_positions=True)` also re-forges RoPE positions after eviction
-(retake_ops.hf.reforge). Needs transformers >= 5.17 (install the `hf` extra). Inference only.
+or, for any decoder, a PivotKVCache filled by chunked_prefill. Needs transformers >= 5.17
+(install the `hf` extra: pip install 'retake-ops[hf]'). Inference only.
 """
-from .attention import disable_pivotkv_attention, enable_pivotkv_attention
-from .cache import PivotKVCache, PivotKVLayer
-from .prefill import chunked_prefill
+try:
+    import transformers  # noqa: F401
+except ImportError as err:
+    raise ImportError("retake_ops.hf needs transformers >= 5.17, which is not installed: "
+                      "pip install 'retake-ops[hf]'") from err
 
-__all__ = ["PivotKVCache", "PivotKVLayer", "chunked_prefill", "enable_pivotkv_attention",
-           "disable_pivotkv_attention"]
+from . import _compat
+
+_compat.check_version()
+
+from ._compat import cache_arg  # noqa: E402
+from .attention import AttentionSwitch, disable_pivotkv_attention, enable_pivotkv_attention  # noqa: E402
+from .cache import PivotKVCache, PivotKVLayer  # noqa: E402
+from .prefill import chunked_prefill  # noqa: E402
+from .retake import (MODEL_TYPE_TO_APPLY_FN, RetakeConfig, RetakeHandle, apply_retake,  # noqa: E402
+                     apply_retake_to_llava_onevision, apply_retake_to_qwen2_5_vl, apply_retake_to_qwen2_vl,
+                     apply_retake_to_qwen3_vl)
+from .videollm import RetakeReport, VideoReport  # noqa: E402
+
+__all__ = ["apply_retake", "RetakeConfig", "RetakeHandle", "RetakeReport", "VideoReport", "MODEL_TYPE_TO_APPLY_FN",
+           "apply_retake_to_qwen2_vl", "apply_retake_to_qwen2_5_vl", "apply_retake_to_qwen3_vl",
+           "apply_retake_to_llava_onevision", "PivotKVCache", "PivotKVLayer", "chunked_prefill", "cache_arg",
+           "enable_pivotkv_attention", "disable_pivotkv_attention", "AttentionSwitch"]

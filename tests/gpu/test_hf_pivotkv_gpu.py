@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from retake_ops.hf import PivotKVCache, chunked_prefill
+from retake_ops.hf import PivotKVCache, cache_arg, chunked_prefill
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import test_hf_pivotkv as cpu  # noqa: E402  (its helpers and oracle attention registration)
@@ -37,7 +37,7 @@ def test_fp32_cuda_equals_oracle(arch, impl):
     kept = cpu.kept_of(cache, model)
     n = prefill_len + cont
     out = model(ids[:, prefill_len:n], attention_mask=mask[:, :n], position_ids=positions[:, prefill_len:n],
-                past_key_values=cache).logits
+                **cache_arg(model, cache)).logits
     oracle = cpu.oracle_forward(model, impl, ids[:, :n], kept, prefill_len, chunk, attention_mask=mask[:, :n],
                                 position_ids=positions[:, :n])
     torch.testing.assert_close(last, oracle[:, prefill_len - 1], rtol=0, atol=cpu.TOL)
@@ -48,7 +48,7 @@ def test_fp32_cuda_equals_oracle(arch, impl):
     chunked_prefill(model, prompt[:, :-1], cache=cache, chunk_size=chunk, pivot_mask=pivots,
                     attention_mask=mask[:, :prefill_len])
     kept = cpu.kept_of(cache, model)
-    gen = model.generate(input_ids=prompt, attention_mask=mask[:, :prefill_len + 1], past_key_values=cache,
+    gen = model.generate(input_ids=prompt, attention_mask=mask[:, :prefill_len + 1], **cache_arg(model, cache),
                          max_new_tokens=steps, do_sample=False)
     want = cpu.oracle_greedy(model, impl, prompt, kept, prefill_len, chunk, steps,
                              attention_mask=mask[:, :prefill_len + 1])
@@ -67,6 +67,6 @@ def test_bf16_cuda_prefill_and_generate(impl):
     for layer in range(cpu.n_layers(model)):
         assert cache.kept_positions(layer).shape == (1, expected)
         assert cache.layers[layer].keys.dtype == torch.bfloat16
-    gen = model.generate(input_ids=ids, past_key_values=cache, max_new_tokens=8, do_sample=False)
+    gen = model.generate(input_ids=ids, **cache_arg(model, cache), max_new_tokens=8, do_sample=False)
     assert gen.shape == (1, prefill_len + 9)
     assert cache.get_seq_length() == prefill_len + 8

@@ -1,0 +1,145 @@
+"""Every touch point with transformers, in one module.
+
+Supported: transformers MIN_VERSION and newer; tested from MIN_VERSION up to TESTED_MAX (the
+version CI pins). Between those releases transformers renamed the decoder's cache argument
+(`past_key_values` -> `cache`, and the matching output field) and started passing the
+attention kwargs to `Cache.update`; the rest of `retake_ops.hf` asks this module instead of
+assuming either spelling. Importing a transformers newer than TESTED_MAX warns once.
+"""
+from __future__ import annotations
+
+import inspect
+import sys
+import warnings
+
+import torch
+import transformers
+from packaging.version import Version
+from transformers import AttentionInterface
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+MIN_VERSION = "5.17.0"
+TESTED_MAX = "5.24.0"
+WRAPPABLE = ("eager", "sdpa")
+
+
+def check_version(version: str = transformers.__version__) -> None:
+    """ImportError below MIN_VERSION; one UserWarning for a minor release newer than TESTED_MAX."""
+    found = Version(version)
+    if found < Version(MIN_VERSION):
+        raise ImportError(f"retake_ops.hf needs transformers >= {MIN_VERSION}, found {version}: "
+                          f"pip install 'retake-ops[hf]' (or 'transformers>={MIN_VERSION}')")
+    if found.release[:2] > Version(TESTED_MAX).release[:2]:
+        warnings.warn(f"retake_ops.hf was tested with transformers {MIN_VERSION} to {TESTED_MAX}; found {version}. "
+                      "It may work; if a result looks wrong, pin transformers to the tested range.",
+                      UserWarning, stacklevel=3)
+
+
+def cache_kwarg(fn) -> str:
+    """The name under which a model's forward (or generate) takes its KV cache."""
+    return "cache" if "cache" in inspect.signature(fn).parameters else "past_key_values"
+
+
+def cache_from_kwargs(kwargs: dict):
+    """The cache in a forward's keyword arguments, whichever name carries it."""
+    cache = kwargs.get("cache")
+    return kwargs.get("past_key_values") if cache is None else cache
+
+
+def output_cache(outputs):
+    """The cache a model output returns, whichever field carries it."""
+    cache = outputs.get("cache")
+    return outputs.get("past_key_values") if cache is None else cache
+
+
+def cache_arg(model, cache) -> dict:
+    """{name: cache} for `model.generate(..., **cache_arg(model, cache))` and plain forward calls: the
+    argument name the installed transformers expects (`cache` from 5.24 on, `past_key_values` before)."""
+    return {cache_kwarg(model.forward): cache}
+
+
+def patched_forward_signature(forward) -> inspect.Signature:
+    """The signature a patched VideoLLM forward shows: the original's without `mm_encoder_outputs`,
+    so that generate() (5.24 and newer) hands it raw pixel_values_videos and video_grid_thw instead of
+    running the vision tower itself and dropping the grid."""
+    signature = inspect.signature(forward)
+    return signature.replace(parameters=[p for name, p in signature.parameters.items()
+                                         if name != "mm_encoder_outputs"])
+
+
+def per_video(features, sizes: list[int]) -> list[torch.Tensor]:
+    """A vision tower's per-token output as one tensor per video: 5.24 splits it, 5.17 (Qwen3-VL's
+    deepstack features) returns it whole."""
+    return list(torch.split(features, sizes)) if isinstance(features, torch.Tensor) else list(features)
+
+
+def decoder(model):
+    """The module that runs the decoder layers (it owns rotary_emb and the layers)."""
+    return model.get_decoder() if hasattr(model, "get_decoder") else model
+
+
+def decoder_config(model):
+    """The config whose _attn_implementation the decoder's attention layers read."""
+    config = model.config
+    return config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+
+
+def attention_implementation(model) -> str:
+    return decoder_config(model)._attn_implementation
+
+
+def set_attention_implementation(model, name: str) -> None:
+    """Switch the decoder's attention (not a vision tower's) with the public set_attn_implementation."""
+    if decoder_config(model) is model.config:
+        model.set_attn_implementation(name)
+        return
+    key = next(k for k in model.config.sub_configs if getattr(model.config, k) is decoder_config(model))
+    model.set_attn_implementation({key: name})
+
+
+def register_attention(name: str, fn, mask_of: str) -> None:
+    """Register an attention function, with the mask builder of the implementation it wraps."""
+    AttentionInterface.register(name, fn)
+    AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[mask_of])
+
+
+def base_attention(name: str, module):
+    """The model's own "sdpa" or "eager" attention function for an attention module."""
+    if name == "sdpa":
+        return ALL_ATTENTION_FUNCTIONS["sdpa"]
+    fn = getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
+    if fn is None:
+        raise ValueError(
+            f"PivotKV: {type(module).__name__} has no eager_attention_forward in {type(module).__module__}; "
+            "expected a model whose eager attention is that module-level function, or load it with "
+            "attn_implementation='sdpa'")
+    return fn
+
+
+def rope_functions(rotary):
+    """(rotate_half, apply_rotary_pos_emb) of the modeling module that defines a rotary embedding."""
+    module = sys.modules.get(type(rotary).__module__)
+    return getattr(module, "rotate_half", None), getattr(module, "apply_rotary_pos_emb", None)
+
+
+def rope_cos_sin(rotary, positions: torch.Tensor, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 cos, sin [B, L, rot_dim] of a decoder's rotary embedding at int64 positions: [B, L]
+    (1-D RoPE) or [3, B, L] (multimodal RoPE, whose rotary module merges the sections itself)."""
+    probe = torch.empty(0, dtype=torch.float32, device=device)
+    cos, sin = rotary(probe, positions.to(device))
+    return cos.float(), sin.float()
+
+
+def is_mrope(model) -> bool:
+    """Whether the decoder uses multimodal (3-D) RoPE positions."""
+    config = decoder_config(model)
+    params = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    return "mrope_section" in params or getattr(getattr(decoder(model), "rotary_emb", None), "mrope_section",
+                                                 None) is not None
+
+
+def mrope_rows(position_ids: torch.Tensor) -> slice:
+    """The rows of a position_ids tensor that carry RoPE positions: [4, B, L] (a text row for the
+    mask builder, then the three multimodal rows) -> rows 1..3; [3, B, L] and [B, L] -> all."""
+    return slice(1, None) if position_ids.dim() == 3 and position_ids.shape[0] == 4 else slice(None)

@@ -1,0 +1,11 @@
+"""One adapter per VideoLLM family: its video token layout, features and positions."""
+from .base import Frame, Video, VideoFamily
+from .llava_onevision import LlavaOnevisionFamily
+from .qwen2_5_vl import Qwen2_5_VLFamily
+from .qwen2_vl import Qwen2VLFamily
+from .qwen3_vl import Qwen3VLFamily
+
+FAMILIES = {family.name: family for family in (Qwen2VLFamily(), Qwen2_5_VLFamily(), Qwen3VLFamily(),
+                                              LlavaOnevisionFamily())}
+
+__all__ = ["FAMILIES", "Frame", "Video", "VideoFamily"]

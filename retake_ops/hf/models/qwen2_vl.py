@@ -1,0 +1,110 @@
+"""Qwen2-VL: one run of video tokens per video, temporal groups of `temporal_patch_size` frames.
+
+Input layout (from the processor): ... <|vision_start|> <|video_pad|> x (T * N) <|vision_end|> ...
+with T temporal groups of N = H * W / spatial_merge_size**2 tokens each, t-major, matching the
+rows of the vision tower's output. Positions are 3-D (multimodal RoPE) from the model's own
+`get_rope_index`; a shorter video is the same layout with `video_grid_thw`'s T lowered.
+"""
+from __future__ import annotations
+
+import torch
+
+from .base import Frame, Video, VideoFamily
+
+
+def token_runs(columns: torch.Tensor) -> list[tuple[int, int]]:
+    """[start, end) runs of consecutive int64 columns."""
+    if columns.numel() == 0:
+        return []
+    breaks = torch.nonzero(columns[1:] != columns[:-1] + 1).flatten() + 1
+    bounds = [0] + breaks.tolist() + [columns.numel()]
+    return [(int(columns[a]), int(columns[b - 1]) + 1) for a, b in zip(bounds[:-1], bounds[1:])]
+
+
+class Qwen2VLFamily(VideoFamily):
+    name = "qwen2_vl"
+    model_types = ("qwen2_vl",)
+
+    def model_classes(self):
+        from transformers import Qwen2VLForConditionalGeneration
+
+        return [Qwen2VLForConditionalGeneration]
+
+    def frames_per_group(self, model) -> int:
+        return model.config.vision_config.temporal_patch_size
+
+    def features(self, model, kwargs: dict):
+        """(per video [T * N, C] features, per video list of side features) from the vision tower."""
+        out = model.get_video_features(kwargs["pixel_values_videos"], kwargs["video_grid_thw"], return_dict=True)
+        return list(out.pooler_output), [[] for _ in out.pooler_output]
+
+    def tokens_per_frame(self, model, grid: torch.Tensor) -> int:
+        merge = model.config.vision_config.spatial_merge_size
+        return int(grid[1]) * int(grid[2]) // (merge * merge)
+
+    def frame_runs(self, model, ids_row: torch.Tensor, runs: list[tuple[int, int]], grids: list, row: int):
+        """Split a row's video-token runs into (grid, frames) per video: one run per video here."""
+        videos = []
+        for (start, end), grid in zip(runs, grids):
+            T, N = int(grid[0]), self.tokens_per_frame(model, grid)
+            if end - start != T * N:
+                raise ValueError(f"apply_retake: row {row} has a run of {end - start} video tokens where "
+                                 f"video_grid_thw {grid.tolist()} gives {T} x {N}")
+            videos.append([Frame(start + j * N, start + (j + 1) * N, start + j * N, start + (j + 1) * N)
+                           for j in range(T)])
+        return videos
+
+    def videos(self, model, kwargs: dict) -> list[Video]:
+        ids = kwargs["input_ids"]
+        mask = kwargs.get("attention_mask")
+        grids = kwargs["video_grid_thw"].cpu()
+        feats, extras = self.features(model, kwargs)
+        host_ids = ids.cpu()
+        host_mask = None if mask is None else mask.cpu().bool()
+        out, v = [], 0
+        for row in range(ids.shape[0]):
+            is_video = host_ids[row] == self.video_token_id(model)
+            if host_mask is not None:
+                is_video &= host_mask[row]
+            runs = token_runs(torch.nonzero(is_video).flatten())
+            n_videos = self.videos_in_runs(runs, grids[v:], model)
+            for frames in self.frame_runs(model, host_ids[row], runs, grids[v:v + n_videos], row):
+                T = len(frames)
+                N = frames[0].tokens_end - frames[0].tokens_start
+                if v >= len(feats) or feats[v].shape[0] != T * N:
+                    raise ValueError(f"apply_retake: video {v} has {T} x {N} tokens in input_ids but the vision "
+                                     f"tower gave {feats[v].shape[0] if v < len(feats) else 0} features")
+                out.append(Video(row, frames, feats[v].view(T, N, -1),
+                                 [x.view(T, N, -1) for x in extras[v]]))
+                v += 1
+        if v != len(feats):
+            raise ValueError(f"apply_retake: input_ids hold {v} videos but pixel_values_videos / video_grid_thw "
+                             f"describe {len(feats)}")
+        return out
+
+    def videos_in_runs(self, runs, grids, model) -> int:
+        return len(runs)
+
+    def grid_extra(self, kwargs: dict, kept: list[torch.Tensor]) -> dict:
+        grid = kwargs["video_grid_thw"].clone()
+        grid[:, 0] = torch.tensor([k.shape[0] for k in kept], dtype=grid.dtype)
+        return {"video_grid_thw": grid}
+
+    def short_inputs(self, model, kwargs, ids, mask, kept):
+        return self.grid_extra(kwargs, kept)
+
+    def full_inputs(self, kwargs: dict) -> dict:
+        return {"video_grid_thw": kwargs["video_grid_thw"]}
+
+    def rope_index(self, model, ids, mask, extra):
+        types = (ids == self.video_token_id(model)).int() * 2
+        return model.model.get_rope_index(ids, mm_token_type_ids=types, attention_mask=mask, **extra)
+
+    def positions(self, model, ids, mask, extra, given):
+        return self.rope_index(model, ids, mask, extra)[0]
+
+    def set_decoding_state(self, model, short_ids, short_mask, short_extra, full_mask, shift) -> None:
+        # The model continues at (real tokens so far) + rope_deltas; the full input has more real tokens.
+        deltas = self.rope_index(model, short_ids, short_mask, short_extra)[1]
+        extra_tokens = (full_mask.sum(1) - short_mask.sum(1)).to(deltas.device)[:, None]
+        model.model.rope_deltas = deltas + shift.to(deltas.device)[:, None] - extra_tokens

@@ -1,0 +1,302 @@
+"""ReTaKe on a VideoLLM in one line: apply_retake(model, RetakeConfig(...)), then model.generate(...).
+
+The patch replaces the model's forward (one instance, or the class for every model built
+later, Liger-style) with one that runs the ReTaKe prefill (retake_ops.hf.videollm) when a call
+brings videos and an empty cache, and otherwise calls the original forward; decoding then
+continues on the PivotKVCache the prefill returned. The handle's remove() (or leaving its
+`with` block) restores the forward and the attention implementation exactly.
+"""
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import types
+import weakref
+from dataclasses import dataclass
+
+from . import _compat
+from .attention import disable_pivotkv_attention
+from .cache import PIVOT_OVERFLOW, PivotKVCache
+from .models import FAMILIES
+from .videollm import RetakeReport, retake_prefill
+
+_MARK = "_retake_handle"
+
+
+def _check_ratio(name: str, value, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < value <= 1.0:
+        raise ValueError(f"RetakeConfig: {name} must be a number in (0, 1], got {value!r}")
+
+
+def _check_int(name: str, value, low: int, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"RetakeConfig: {name} must be an int >= {low}, got {value!r}")
+
+
+@dataclass(frozen=True)
+class RetakeConfig:
+    """What ReTaKe does to a VideoLLM's videos. Every field is checked when the config is made.
+
+    Args:
+        frame_keep_ratio: DPSelect keeps target_frames(T, ratio) = max(1, round(ratio * T)) of a
+            video's T frames (temporal groups for the Qwen families), keyframes first. 1.0 keeps
+            every frame and only marks the keyframes (their tokens become pivots).
+        window: DPSelect's peak window, odd (a frame is a keyframe when its distance to the previous
+            frame is the first maximum of the `window` frames around it).
+        per_patch: DPSelect per patch position (ReTaKe's patch_sync=False): each patch position keeps
+            its own frames; the LLM sees `k` frames whose patches come from different frames.
+        kv_keep_ratio: PivotKV keeps keep_tokens(n, ratio) = max(1, int(ratio * n)) of each chunk's n
+            video tokens per row. Default 0.25 unless max_kv_tokens is given.
+        max_kv_tokens: instead of kv_keep_ratio, a budget of video tokens per row: ratio =
+            min(1, max_kv_tokens / video tokens after DPSelect) (ReTaKe's dynamic ratio).
+        chunk_frames: raw video frames per prefill chunk (ReTaKe's chunked_prefill_frames); for the
+            Qwen families a chunk holds chunk_frames // temporal_patch_size temporal groups (at least 1).
+        question_guided: score each chunk with its own queries plus the question's (the text after
+            the last video), run after the chunk at positions continuing right after it.
+        force_pivots: keyframe tokens rank first in PivotKV.
+        pivot_overflow: when a chunk's pivots outnumber its budget: "evict" (keep the best-scored
+            pivots), "keep" (keep them all, over budget) or "raise". The first two warn once per prefill.
+        reforge_positions: ReTaKe's position re-forging of the kept keys (see PivotKVCache).
+        progress: a progress bar over the prefill's chunks.
+    """
+
+    frame_keep_ratio: float = 1.0
+    window: int = 3
+    per_patch: bool = False
+    kv_keep_ratio: float | None = None
+    max_kv_tokens: int | None = None
+    chunk_frames: int = 32
+    question_guided: bool = True
+    force_pivots: bool = True
+    pivot_overflow: str = "evict"
+    reforge_positions: bool = False
+    progress: bool = False
+
+    def __post_init__(self):
+        _check_ratio("frame_keep_ratio", self.frame_keep_ratio)
+        _check_int("window", self.window, 1)
+        if self.window % 2 != 1:
+            raise ValueError(f"RetakeConfig: window must be odd, got {self.window}")
+        _check_ratio("kv_keep_ratio", self.kv_keep_ratio, allow_none=True)
+        _check_int("max_kv_tokens", self.max_kv_tokens, 1, allow_none=True)
+        if self.kv_keep_ratio is not None and self.max_kv_tokens is not None:
+            raise ValueError(f"RetakeConfig: give kv_keep_ratio or max_kv_tokens, not both (got kv_keep_ratio="
+                             f"{self.kv_keep_ratio}, max_kv_tokens={self.max_kv_tokens})")
+        _check_int("chunk_frames", self.chunk_frames, 1)
+        for name in ("per_patch", "question_guided", "force_pivots", "reforge_positions", "progress"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"RetakeConfig: {name} must be a bool, got {getattr(self, name)!r}")
+        if self.pivot_overflow not in PIVOT_OVERFLOW:
+            raise ValueError(f"RetakeConfig: pivot_overflow must be one of {list(PIVOT_OVERFLOW)}, "
+                             f"got {self.pivot_overflow!r}")
+
+    def kv_ratio(self, video_tokens: int) -> float:
+        """The PivotKV keep ratio of a row with this many video tokens (after DPSelect)."""
+        if self.max_kv_tokens is not None:
+            return 1.0 if video_tokens == 0 else min(1.0, self.max_kv_tokens / video_tokens)
+        return 0.25 if self.kv_keep_ratio is None else float(self.kv_keep_ratio)
+
+
+def _config(config, overrides) -> RetakeConfig:
+    if config is None:
+        config = RetakeConfig()
+    elif not isinstance(config, RetakeConfig):
+        raise ValueError(f"apply_retake: config must be a RetakeConfig, got {type(config).__name__}")
+    unknown = sorted(set(overrides) - {f.name for f in dataclasses.fields(RetakeConfig)})
+    if unknown:
+        raise ValueError(f"apply_retake: unknown RetakeConfig field(s) {unknown}")
+    return dataclasses.replace(config, **overrides)
+
+
+def _named(signature: inspect.Signature, args: tuple, kwargs: dict) -> dict:
+    """Every argument of a forward call by name (positional ones bound to their parameters)."""
+    bound = signature.bind_partial(*args, **kwargs).arguments
+    named = {}
+    for name, value in bound.items():
+        if signature.parameters[name].kind is inspect.Parameter.VAR_KEYWORD:
+            named.update(value)
+        else:
+            named[name] = value
+    return named
+
+
+class RetakeHandle:
+    """An applied ReTaKe patch: `remove()` (or leaving its `with` block) undoes it.
+
+    `report` is the latest prefill's RetakeReport (per video: frames kept, keyframes, tokens;
+    per layer: the input_ids columns of the held tokens); `reports` keeps every one.
+    """
+
+    def __init__(self, family, config: RetakeConfig, target, instance: bool):
+        self.family = family
+        self.config = config
+        self.target = target  # the model (instance patch) or its class (class-level patch)
+        self.instance = instance
+        self.reports: list[RetakeReport] = []
+        self._models = weakref.WeakSet()
+        self._checked = weakref.WeakSet()
+        self._original = None
+        self._previous = None
+        self.active = False
+
+    @property
+    def report(self) -> RetakeReport | None:
+        return self.reports[-1] if self.reports else None
+
+    def _install(self) -> None:
+        target = self.target
+        if self.instance:
+            self._previous = target.__dict__.get("forward")
+            original = target.forward
+            signature = inspect.signature(type(target).forward)
+        else:
+            original = target.__dict__["forward"]
+            signature = inspect.signature(original)
+        shown = _compat.patched_forward_signature(type(target).forward if self.instance else original)
+        if getattr(original, _MARK, None) is not None:
+            raise ValueError(f"apply_retake: {self._name()} is already patched; remove() that handle first")
+        self._original = original
+        handle = self
+
+        def forward(model, *args, **kwargs):
+            call = original if handle.instance else types.MethodType(original, model)
+            named = _named(signature, (model, *args), kwargs)
+            named.pop("self", None)
+            cache = _compat.cache_from_kwargs(named)
+            if (named.get("mm_encoder_outputs") or {}).get("video") is not None:
+                raise ValueError("apply_retake: the ReTaKe prefill runs the vision tower itself; pass "
+                                 "pixel_values_videos (and its grid), not mm_encoder_outputs")
+            if handle.family.has_video(named) and (cache is None or cache.get_seq_length() == 0):
+                handle._check(model)
+                handle._models.add(model)
+                out, report = retake_prefill(model, handle.family, handle.config, named, call,
+                                             cache if isinstance(cache, PivotKVCache) else None)
+                handle.reports.append(report)
+                return out
+            return call(**named)
+
+        setattr(forward, _MARK, self)
+        forward.__doc__ = getattr(original, "__doc__", None)
+        forward.__signature__ = shown  # generate() reads forward's signature to choose what to pass
+        if self.instance:
+            target.forward = types.MethodType(forward, target)
+        else:
+            target.forward = forward
+        self.active = True
+
+    def _name(self) -> str:
+        return type(self.target).__name__ if self.instance else self.target.__name__
+
+    def _check(self, model) -> None:
+        if model in self._checked:
+            return
+        check_model(model, self.family, self.config)
+        self._checked.add(model)
+
+    def remove(self) -> None:
+        """Restore the original forward and attention implementation (idempotent)."""
+        if not self.active:
+            return
+        if self.instance:
+            if self._previous is None:
+                del self.target.forward
+            else:
+                self.target.forward = self._previous
+        else:
+            self.target.forward = self._original
+        for model in list(self._models):
+            disable_pivotkv_attention(model)
+        self.active = False
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.remove()
+
+    def __repr__(self):
+        state = "active" if self.active else "removed"
+        return f"RetakeHandle({self.family.name}, {self._name()}, {state}, {self.config})"
+
+
+def check_model(model, family, config: RetakeConfig) -> None:
+    """ValueError for a model the ReTaKe prefill cannot run exactly."""
+    impl = _compat.attention_implementation(model)
+    if impl not in _compat.WRAPPABLE and not str(impl).startswith("retake_pivotkv_"):
+        raise ValueError(f"apply_retake: {type(model).__name__} uses attn_implementation={impl!r}; expected one of "
+                         f"{list(_compat.WRAPPABLE)} (load the model with attn_implementation='sdpa' or 'eager')")
+    layer_types = getattr(_compat.decoder_config(model), "layer_types", None) or []
+    sliding = sorted({t for t in layer_types if t != "full_attention"})
+    if sliding:
+        raise ValueError(f"apply_retake: {type(model).__name__} has {sliding} decoder layers; the ReTaKe prefill "
+                         "supports full attention only (set use_sliding_window=False)")
+    if config.per_patch and not family.supports_per_patch:
+        raise ValueError(f"apply_retake: per_patch=True is not available for {family.name}: a per-patch frame "
+                         "would have no timestamp; use per_patch=False")
+
+
+def _apply(family_name: str, model, config, overrides) -> RetakeHandle:
+    family = FAMILIES[family_name]
+    config = _config(config, overrides)
+    if model is None:
+        handle = RetakeHandle(family, config, family.model_classes()[0], instance=False)
+    else:
+        model_type = getattr(model.config, "model_type", None)
+        if model_type not in family.model_types:
+            raise ValueError(f"apply_retake_to_{family_name}: model {type(model).__name__} has model_type "
+                             f"{model_type!r}, expected one of {list(family.model_types)}")
+        check_model(model, family, config)
+        handle = RetakeHandle(family, config, model, instance=True)
+    handle._install()
+    return handle
+
+
+def apply_retake_to_qwen2_vl(model=None, config: RetakeConfig | None = None, **overrides) -> RetakeHandle:
+    """ReTaKe for Qwen2-VL: patch `model`, or with model=None the class (every model, also later ones)."""
+    return _apply("qwen2_vl", model, config, overrides)
+
+
+def apply_retake_to_qwen2_5_vl(model=None, config: RetakeConfig | None = None, **overrides) -> RetakeHandle:
+    """ReTaKe for Qwen2.5-VL: patch `model`, or with model=None the class (every model, also later ones)."""
+    return _apply("qwen2_5_vl", model, config, overrides)
+
+
+def apply_retake_to_qwen3_vl(model=None, config: RetakeConfig | None = None, **overrides) -> RetakeHandle:
+    """ReTaKe for Qwen3-VL: patch `model`, or with model=None the class (every model, also later ones)."""
+    return _apply("qwen3_vl", model, config, overrides)
+
+
+def apply_retake_to_llava_onevision(model=None, config: RetakeConfig | None = None, **overrides) -> RetakeHandle:
+    """ReTaKe for LLaVA-OneVision: patch `model`, or with model=None the class (every model, also later ones)."""
+    return _apply("llava_onevision", model, config, overrides)
+
+
+MODEL_TYPE_TO_APPLY_FN = {
+    "qwen2_vl": apply_retake_to_qwen2_vl,
+    "qwen2_5_vl": apply_retake_to_qwen2_5_vl,
+    "qwen3_vl": apply_retake_to_qwen3_vl,
+    "llava_onevision": apply_retake_to_llava_onevision,
+}
+
+
+def apply_retake(model, config: RetakeConfig | None = None, **overrides) -> RetakeHandle:
+    """ReTaKe (DPSelect + PivotKV + chunked prefill) on a VideoLLM instance, in one line.
+
+        handle = apply_retake(model, RetakeConfig(frame_keep_ratio=0.5, kv_keep_ratio=0.25, chunk_frames=32))
+        out = model.generate(**inputs, max_new_tokens=64)   # inputs: the model's processor outputs
+        handle.remove()                                      # or: with apply_retake(model, ...):
+
+    overrides: RetakeConfig fields replacing those of `config`. Raises ValueError for a model type
+    without a ReTaKe adapter (naming it and the supported ones) and for a model the prefill cannot
+    run exactly (attention other than eager/sdpa, sliding-window layers).
+    """
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    apply = MODEL_TYPE_TO_APPLY_FN.get(model_type)
+    if apply is None:
+        raise ValueError(f"apply_retake: model {type(model).__name__} has model_type {model_type!r}; ReTaKe supports "
+                         f"{sorted(MODEL_TYPE_TO_APPLY_FN)}")
+    return apply(model, config, **overrides)

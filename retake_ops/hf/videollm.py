@@ -1,0 +1,352 @@
+"""The ReTaKe prefill of a VideoLLM, shared by every family in retake_ops.hf.models.
+
+1. The model's own vision tower gives per-frame features [T, N, C] of every video.
+2. DPSelect (torch.ops.retake.dpselect) keeps target_frames(T, frame_keep_ratio) frames per
+   video, keyframes (distance peaks) first; keyframe tokens become pivots.
+3. The LLM sees a shorter video, as ReTaKe: the input without the dropped frames' tokens, the
+   model's own positions for it (kept frames take consecutive temporal slots, later text moves
+   down). With kv_keep_ratio = 1 this is the unpatched model fed the kept frames alone.
+4. Chunked prefill, per row: the text before the first video, then `chunk_frames` frames per
+   forward, then the text after the last video (the question and the generation prompt). Rows
+   are aligned so that a row's chunks hold the same frames as if it ran alone (shorter rows are
+   padded in front, inside the sequence; padding is masked and never kept). After each video
+   chunk every layer keeps, per row, keep_tokens(n, ratio) of its n video tokens (PivotKV,
+   pivots first); with question guidance the question's tokens run after the chunk as extra
+   scoring queries, at positions continuing right after everything fed so far, and are dropped.
+5. The cache then speaks the input's columns (so generate() and plain calls continue on the
+   full input_ids) and later tokens run at the shorter video's positions.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from .. import dpselect, target_frames
+from . import _compat
+from .cache import PivotKVCache
+from .plan import plan_step
+from .prefill import run_planned
+
+TEXT, FRAME_TOKEN, FRAME_TEXT, FIXED_TOKEN = 0, 1, 2, 3
+_CALLER_INPUTS = {"input_ids", "attention_mask", "position_ids", "inputs_embeds", "pixel_values_videos",
+                  "video_grid_thw", "second_per_grid_ts", "mm_token_type_ids", "cache", "past_key_values",
+                  "use_cache", "pixel_values", "image_grid_thw", "image_sizes", "image_sizes_videos"}
+
+
+@dataclass
+class VideoReport:
+    """What DPSelect and PivotKV did to one video."""
+
+    row: int  # batch row of the video
+    frames: int  # frames (temporal groups) of the video
+    kept_frames: torch.Tensor  # int64 [k] kept frames, ascending; per patch: [k, N] per patch position
+    keyframes: torch.Tensor  # int64 kept frames that are distance peaks; per patch: bool [k, N] peak mask
+    tokens: int  # video tokens in the input
+    kept_tokens: int  # video tokens the LLM saw after DPSelect
+    kv_keep_ratio: float  # PivotKV keep ratio of the row's video chunks
+
+
+@dataclass
+class RetakeReport:
+    """One ReTaKe prefill: per video what was kept; per layer what the cache held after it."""
+
+    videos: list[VideoReport]
+    positions: list[torch.Tensor]  # per layer, int64 [B, L_held] on the CPU: input_ids column of each held token
+    prefill_seconds: float
+
+    def held_tokens(self) -> list[torch.Tensor]:
+        """Per layer, int64 [B]: real tokens held (text and kept video tokens)."""
+        return [(p >= 0).sum(1) for p in self.positions]
+
+    def kept_positions(self, layer: int) -> torch.Tensor:
+        """int64 [B, L_held]: the input_ids column of every token a layer holds (-1: a masked slot)."""
+        return self.positions[layer]
+
+
+def _select_frames(videos, config):
+    """Per video (kept frames, is_pivot) from one dpselect call per group of equally shaped videos."""
+    out = [None] * len(videos)
+    groups: dict[tuple, list[int]] = {}
+    for i, video in enumerate(videos):
+        groups.setdefault((tuple(video.features.shape), video.features.dtype), []).append(i)
+    for (shape, _), members in groups.items():
+        feats = torch.stack([videos[i].features for i in members])
+        k = target_frames(shape[0], config.frame_keep_ratio)
+        idx, piv = dpselect(feats, k, config.window, not config.per_patch)
+        for j, i in enumerate(members):
+            out[i] = (idx[j], piv[j])
+    return out
+
+
+class _ShortWorld:
+    """The input without the dropped frames: per row its real tokens (left-padded to one width),
+    where each came from, what it is, and the merged input embeddings."""
+
+    def __init__(self, model, kwargs, videos, selection, per_patch):
+        ids = kwargs["input_ids"]
+        mask = kwargs.get("attention_mask")
+        batch, length = ids.shape
+        host_ids = ids.cpu()
+        real = torch.ones(batch, length, dtype=torch.bool) if mask is None else mask.cpu().bool()
+        pieces = [[] for _ in range(batch)]  # per row: (source columns, kind, frame ordinal, pivots)
+        feats, extras = [], []  # video-token features in input order (row-major), and side features
+        by_row = [[] for _ in range(batch)]
+        for v, video in enumerate(videos):
+            by_row[video.row].append(v)
+        for b in range(batch):
+            units = []
+            for v in by_row[b]:
+                video = videos[v]
+                idx = selection[v][0].cpu()
+                slots = {j: j for j in range(idx.shape[0])} if per_patch else \
+                    {j: slot for slot, j in enumerate(idx.tolist())}
+                for j, frame in enumerate(video.frames):
+                    units.append((frame.start, frame.end, v, j, slots.get(j)))
+                for col, feature in video.fixed:
+                    units.append((col, col + 1, v, -1, feature))
+            cursor = ordinal = 0
+            for start, end, v, j, payload in sorted(units, key=lambda u: u[0]):
+                self._text(pieces[b], real[b], cursor, start)
+                cursor = end
+                video = videos[v]
+                if j < 0:  # a video token of no frame
+                    pieces[b].append((torch.tensor([start]), FIXED_TOKEN, -1, False))
+                    feats.append(payload[None])
+                    continue
+                if payload is None:  # a dropped frame
+                    continue
+                slot, frame, N = payload, video.frames[j], video.tokens_per_frame
+                piv = selection[v][1]
+                if per_patch:
+                    frames_n = selection[v][0][slot].to(video.features.device)  # [N]: frame kept per patch
+                    patch = torch.arange(N, device=frames_n.device)
+                    feats.append(video.features[frames_n, patch])
+                    extras.append([x[frames_n, patch] for x in video.extras])
+                    starts = torch.tensor([f.tokens_start for f in video.frames])
+                    source = starts[frames_n.cpu()] + torch.arange(N)
+                    pivots = piv[slot].cpu()
+                else:
+                    feats.append(video.features[j])
+                    extras.append([x[j] for x in video.extras])
+                    source = torch.arange(frame.tokens_start, frame.tokens_end)
+                    pivots = torch.full((N,), bool(piv[slot]))
+                self._text(pieces[b], real[b], frame.start, frame.tokens_start, FRAME_TEXT, ordinal)
+                pieces[b].append((source, FRAME_TOKEN, ordinal, pivots))
+                self._text(pieces[b], real[b], frame.tokens_end, frame.end, FRAME_TEXT, ordinal)
+                ordinal += 1
+            self._text(pieces[b], real[b], cursor, length)
+        self.lengths = [sum(p[0].numel() for p in row) for row in pieces]
+        width = max(self.lengths)
+        self.src = torch.full((batch, width), -1, dtype=torch.int64)
+        self.kind = torch.full((batch, width), -1, dtype=torch.int64)
+        self.ordinal = torch.full((batch, width), -1, dtype=torch.int64)
+        self.pivot = torch.zeros(batch, width, dtype=torch.bool)
+        for b, row in enumerate(pieces):
+            col = width - self.lengths[b]
+            for src, kind, ordinal, pivots in row:
+                n = src.numel()
+                self.src[b, col:col + n], self.kind[b, col:col + n] = src, kind
+                self.ordinal[b, col:col + n], self.pivot[b, col:col + n] = ordinal, pivots
+                col += n
+        self.real = self.src >= 0
+        self.ids = torch.where(self.real, host_ids.gather(1, self.src.clamp(min=0)), 0).to(ids.device)
+        self.mask = self.real.long().to(ids.device)
+        vid = ((self.kind == FRAME_TOKEN) | (self.kind == FIXED_TOKEN)).to(ids.device)
+        embeds = model.get_input_embeddings()(self.ids)
+        if feats:
+            embeds = embeds.masked_scatter(vid[..., None], torch.cat([f.to(embeds) for f in feats]))
+        self.embeds = embeds
+        n_extra = len(extras[0]) if extras else 0
+        self.extras = [torch.cat([e[i] for e in extras]).to(embeds) for i in range(n_extra)]
+        self.vid = vid
+
+    @staticmethod
+    def _text(pieces, real_row, start, end, kind=TEXT, ordinal=-1):
+        cols = torch.arange(start, end)[real_row[start:end]]
+        if cols.numel():
+            pieces.append((cols, kind, ordinal, False))
+
+
+class _Schedule:
+    """The prefill's forwards over the short world: the text before the first video, the video in
+    chunks of `per_chunk` frames, the text after the last video. Rows are aligned at their ends, so
+    a row with fewer chunks starts later; every forward is left-padded per row to its widest row."""
+
+    def __init__(self, world: _ShortWorld, per_chunk: int):
+        batch = world.src.shape[0]
+        segments = []  # per row: [prefix, chunk 0, ..., suffix] as short column tensors
+        for b in range(batch):
+            cols = torch.nonzero(world.real[b]).flatten()
+            ordinal = world.ordinal[b, cols]
+            in_unit = torch.nonzero(ordinal >= 0).flatten()
+            if in_unit.numel() == 0:
+                segments.append([cols[:0], cols])
+                continue
+            first, last = int(in_unit[0]), int(in_unit[-1])
+            region = ordinal[first:last + 1].clone()
+            # Text between two frames' units goes with the next frame.
+            nxt = torch.where(region >= 0, region, torch.iinfo(region.dtype).max).flip(0).cummin(0).values.flip(0)
+            chunk = nxt // per_chunk
+            chunks = [cols[first:last + 1][chunk == c] for c in range(int(chunk[-1]) + 1)]
+            segments.append([cols[:first]] + chunks + [cols[last + 1:]])
+        n_chunks = max(len(s) - 2 for s in segments)
+        steps = []  # (is_chunk, per row columns)
+        steps.append((False, [s[0] for s in segments]))
+        for c in range(n_chunks):
+            per_row = []
+            for s in segments:
+                k = len(s) - 2
+                i = c - (n_chunks - k)
+                per_row.append(s[1 + i] if i >= 0 else s[0][:0])
+            steps.append((True, per_row))
+        steps.append((False, [s[-1] for s in segments]))
+        steps = [st for st in steps if max(c.numel() for c in st[1]) > 0]
+        widths = [max(c.numel() for c in per_row) for _, per_row in steps]
+        self.bounds = []
+        self.is_chunk = [is_chunk for is_chunk, _ in steps]
+        self.map = torch.full((batch, sum(widths)), -1, dtype=torch.int64)
+        a = 0
+        for (is_chunk, per_row), width in zip(steps, widths):
+            for b, cols in enumerate(per_row):
+                self.map[b, a + width - cols.numel():a + width] = cols
+            self.bounds.append((a, a + width))
+            a += width
+        question = [s[-1][world.kind[b, s[-1]] == TEXT] for b, s in enumerate(segments)]
+        width = max(q.numel() for q in question)
+        self.question = torch.full((batch, width), -1, dtype=torch.int64)
+        for b, q in enumerate(question):
+            self.question[b, :q.numel()] = q
+
+
+def _gather_cols(x: torch.Tensor, cols: torch.Tensor, dim: int) -> torch.Tensor:
+    """x at columns cols [B, S] along dim (the batch dim precedes it); -1 columns give zeros."""
+    valid = cols >= 0
+    idx = cols.clamp(min=0)
+    shape = [1] * x.dim()
+    shape[dim - 1], shape[dim] = idx.shape
+    view = idx.view(shape)
+    expand = list(x.shape)
+    expand[dim - 1], expand[dim] = idx.shape
+    out = x.gather(dim, view.expand(expand))
+    return out * valid.view(shape).to(out.dtype) if out.is_floating_point() else out.masked_fill(~valid.view(shape), 0)
+
+
+@torch.no_grad()
+def retake_prefill(model, family, config, kwargs: dict, forward, cache: PivotKVCache | None):
+    """Run the ReTaKe prefill for one forward call of a VideoLLM; returns (model output, report)."""
+    started = time.perf_counter()
+    family.check_inputs(model, kwargs)
+    ids = kwargs["input_ids"]
+    batch, length = ids.shape
+    mask = kwargs.get("attention_mask")
+    if mask is None:
+        mask = torch.ones_like(ids)
+    kwargs = dict(kwargs, attention_mask=mask)
+    videos = family.videos(model, kwargs)
+    selection = _select_frames(videos, config)
+    world = _ShortWorld(model, kwargs, videos, selection, config.per_patch)
+    kept = [sel[0] for sel in selection]
+    short_extra = family.short_inputs(model, kwargs, world.ids, world.mask, kept)
+    given = kwargs.get("position_ids") is not None
+    positions = family.positions(model, world.ids, world.mask, short_extra, given)
+    full_extra = family.full_inputs(kwargs)
+    full_positions = family.positions(model, ids, mask, full_extra, given)
+    schedule = _Schedule(world, max(1, config.chunk_frames // family.frames_per_group(model)))
+
+    # Host copies for the planner (one transfer of the positions).
+    host_pos = positions.cpu()
+    amap = schedule.map
+    n_video = (world.kind == FRAME_TOKEN).sum(1).tolist()
+    ratios = [config.kv_ratio(n) for n in n_video]
+    reforge_1d = config.reforge_positions and not _compat.is_mrope(model)
+    if cache is None:
+        cache = PivotKVCache(keep_ratio=min(ratios) if ratios else 1.0, force_pivots=config.force_pivots,
+                             reforge_positions=config.reforge_positions, pivot_overflow=config.pivot_overflow)
+    top = host_pos.amax(0) if host_pos.dim() == 3 else host_pos
+    aligned_top = torch.where(amap >= 0, top.gather(1, amap.clamp(min=0)), torch.iinfo(top.dtype).min)
+    reach = aligned_top.cummax(1).values  # per aligned column: the largest position fed so far
+    q_valid = schedule.question >= 0
+    guided = config.question_guided and bool(q_valid.any())
+    plans = []
+    for (a0, a1), is_chunk in zip(schedule.bounds, schedule.is_chunk):
+        cols = amap[:, a0:a1]
+        valid = cols >= 0
+        kind = world.kind.gather(1, cols.clamp(min=0))
+        evictable = valid & (kind == FRAME_TOKEN) & is_chunk
+        pivots = valid & world.pivot.gather(1, cols.clamp(min=0)) & evictable
+        plans.append(plan_step(valid, evictable, pivots, ratios, force_pivots=config.force_pivots, overflow=config.pivot_overflow,
+                               probe_valid=q_valid if (guided and is_chunk) else None, reforge_1d=reforge_1d,
+                               device=ids.device))
+
+    device = ids.device
+    amap_dev = amap.to(device)
+    question = schedule.question.to(device)
+    q_mask = q_valid.long().to(device)
+    vid_index = (world.vid.flatten().long().cumsum(0) - 1).view_as(world.vid)
+    cache_name = _compat.cache_kwarg(forward)
+    caller = {k: v for k, v in kwargs.items() if k not in _CALLER_INPUTS}
+    last = len(plans) - 1
+    decoder = _compat.decoder(model)
+    reach_dev = reach.to(device)
+
+    def step_inputs(i):
+        a0, a1 = schedule.bounds[i]
+        cols = amap_dev[:, a0:a1]
+        embeds = _gather_cols(world.embeds, cols, 1)
+        pos = _gather_cols(positions, cols, positions.dim() - 1)
+        attn = (amap_dev[:, :a1] >= 0).long()
+        visual = world.vid.gather(1, cols.clamp(min=0)) & (cols >= 0)
+        if plans[i].probe:
+            start = reach_dev[:, a1 - 1:a1] + 1
+            probe_pos = start + torch.arange(question.shape[1], device=device)[None]
+            if positions.dim() == 3:
+                probe_pos = probe_pos[None].expand(positions.shape[0], -1, -1)
+            embeds = torch.cat([embeds, _gather_cols(world.embeds, question, 1)], dim=1)
+            pos = torch.cat([pos, probe_pos.masked_fill(question < 0, 1)], dim=-1)
+            attn = torch.cat([attn, q_mask], dim=1)
+            visual = torch.cat([visual, torch.zeros_like(q_valid, device=device)], dim=1)
+        kw = {"inputs_embeds": embeds, "position_ids": pos, "attention_mask": attn, "use_cache": True,
+              cache_name: cache}
+        if i == last:
+            return dict(caller, **kw)
+        if world.extras:
+            rows = vid_index.to(device).gather(1, cols.clamp(min=0))[visual[:, :cols.shape[1]]]
+            kw.update(family.decoder_kwargs(model, visual, [x[rows] for x in world.extras]))
+        return kw
+
+    decoder_cache_name = _compat.cache_kwarg(decoder.forward)
+
+    def call(i, kw):
+        if i == last:
+            return forward(**kw)
+        kw[decoder_cache_name] = kw.pop(cache_name)
+        return decoder(**kw)
+
+    chunk_ids = iter(range(len(plans)))
+    names = [f"video chunk {next(chunk_ids)}" if is_chunk else "text" for is_chunk in schedule.is_chunk]
+    out = run_planned(model, cache, plans, step_inputs, call, progress=config.progress, desc="ReTaKe prefill",
+                      names=names)
+
+    columns = torch.where(amap >= 0, world.src.gather(1, amap.clamp(min=0)), -1)
+    for layer in cache.layers:
+        layer.rebase(columns, length)
+    full_last = (full_positions[0] if full_positions.dim() == 3 else full_positions)[:, -1]
+    short_last = (positions[0] if positions.dim() == 3 else positions)[:, -1]
+    reforged = cache.shift_for(batch, device)
+    cache.position_shift = reforged + (full_last - short_last).to(reforged.device)
+    cache.length_shift = reforged + (length - world.ids.shape[1])  # a decoder counts the input's columns
+    family.set_decoding_state(model, world.ids, world.mask, short_extra, mask, cache.position_shift)
+
+    reports = []
+    for v, video in enumerate(videos):
+        idx, piv = selection[v]
+        row = video.row
+        reports.append(VideoReport(
+            row=row, frames=len(video.frames), kept_frames=idx.cpu(),
+            keyframes=piv.cpu() if config.per_patch else idx[piv].cpu(),
+            tokens=len(video.frames) * video.tokens_per_frame, kept_tokens=idx.numel() if config.per_patch
+            else idx.numel() * video.tokens_per_frame, kv_keep_ratio=ratios[row]))
+    held = [layer.positions.cpu() for layer in cache.layers]
+    return out, RetakeReport(reports, held, time.perf_counter() - started)

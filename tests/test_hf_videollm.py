@@ -1,0 +1,611 @@
+"""ReTaKe on VideoLLMs in one line: apply_retake on Qwen2-VL, Qwen2.5-VL, Qwen3-VL, LLaVA-OneVision.
+
+Tiny random-weight models (videollm_tiny.py), fp32 on CPU, eager and sdpa, batch 1 and a
+left-padded batch of two (Qwen: videos of different lengths; LLaVA-OneVision: the same frame
+count, prompts of different lengths). Oracles, all run with the unpatched model:
+(a) every ratio at 1: the unpatched model on the same inputs;
+(b) frames dropped, every KV token kept: the unpatched model on the kept frames alone;
+(c) KV eviction: the unpatched model on the kept frames alone, with an attention function that
+    hides each layer's evicted video tokens (read from the handle's report) from every query
+    after the chunk that evicted them.
+Greedy tokens must be identical and logits within 1e-5 (fp32: chunked vs one-shot prefill).
+"""
+import sys
+
+import pytest
+import torch
+from transformers import AttentionInterface, LlamaConfig, LlamaForCausalLM
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+import retake_ops
+from retake_ops.hf import (MODEL_TYPE_TO_APPLY_FN, PivotKVCache, RetakeConfig, apply_retake, apply_retake_to_qwen2_vl,
+                           apply_retake_to_llava_onevision, cache_arg)
+from videollm_tiny import (BUILDERS, QWEN, TEXT, VIDEO, build, frame_columns, make_inputs, make_videos,
+                           tokens_per_frame)
+
+# transformers' own deprecations must not come out of retake_ops' calls; random features make pivots
+# overflow their budgets, which the tests that check the warning assert on purpose.
+pytestmark = [pytest.mark.filterwarnings("error::FutureWarning", "error::DeprecationWarning"),
+              pytest.mark.filterwarnings("ignore:PivotKV. pivot tokens outnumber")]
+
+TOL = 1e-5
+FAMILIES = list(BUILDERS)
+IMPLS = ["eager", "sdpa"]
+STEPS = 5
+FRAMES = {"qwen2_vl": [[8], [8, 5]], "qwen2_5_vl": [[8], [8, 5]], "qwen3_vl": [[7], [7, 4]],
+          "llava_onevision": [[6], [6, 6]]}
+PROMPTS = {1: [[5, 6, 7]], 2: [[5, 6, 7], [5, 6, 7, 8, 9, 10, 11]]}
+QUESTIONS = {1: [[20, 21, 22, 23]], 2: [[20, 21, 22, 23], [24, 25, 26]]}
+
+
+@pytest.fixture(autouse=True)
+def _no_grad():
+    with torch.no_grad():
+        yield
+
+
+def case(family, batch, seed=0):
+    frames = FRAMES[family][batch - 1]
+    videos = make_videos(family, frames, seed)
+    return videos, make_inputs(family, videos, PROMPTS[batch], QUESTIONS[batch])
+
+
+def generate(model, inputs):
+    out = model.generate(**inputs, max_new_tokens=STEPS, do_sample=False, output_logits=True,
+                         return_dict_in_generate=True)
+    return out.sequences[:, -STEPS:], torch.stack(out.logits, 1)
+
+
+def assert_same_run(got, want):
+    assert torch.equal(got[0], want[0]), (got[0], want[0])
+    torch.testing.assert_close(got[1], want[1], rtol=0, atol=TOL)
+
+
+def kept_frames(report, batch):
+    return [report.videos[b].kept_frames.tolist() for b in range(batch)]
+
+
+# ---------------------------------------------------------------------------------------
+# The masked oracle (c).
+# ---------------------------------------------------------------------------------------
+HIDE = {}
+
+
+def _oracle_attention(base):
+    def attention(module, query, key, value, attention_mask, **kwargs):
+        q_len, k_len = query.shape[-2], key.shape[-2]
+        hide = HIDE[module.layer_idx][:, None, k_len - q_len:k_len, :k_len].to(query.device)
+        if attention_mask is None:
+            attention_mask = torch.ones(q_len, k_len, dtype=torch.bool, device=query.device).tril(
+                k_len - q_len).expand(query.shape[0], 1, -1, -1)
+        if attention_mask.dtype == torch.bool:
+            attention_mask = attention_mask & ~hide
+        else:
+            attention_mask = attention_mask.masked_fill(hide, torch.finfo(attention_mask.dtype).min)
+        fn = ALL_ATTENTION_FUNCTIONS["sdpa"] if base == "sdpa" else \
+            sys.modules[type(module).__module__].eager_attention_forward
+        return fn(module, query, key, value, attention_mask, **kwargs)
+
+    return attention
+
+
+for _base in IMPLS:
+    AttentionInterface.register("videollm_oracle_" + _base, _oracle_attention(_base))
+    AttentionMaskInterface.register("videollm_oracle_" + _base, ALL_MASK_ATTENTION_FUNCTIONS[_base])
+
+
+def short_map(family, full, short, keep):
+    """Per row, int64 [L_full]: the column of each full-input column in the kept-frames input (-1: dropped),
+    and int64 [L_short] the kept frame slot of each short column's frame (-1: not a frame's)."""
+    maps, slots = [], []
+    for b in range(full["input_ids"].shape[0]):
+        dropped, slot_of = set(), {}
+        for j, (unit, _) in enumerate(frame_columns(family, full, b)):
+            if j in keep[b]:
+                slot_of.update({c: keep[b].index(j) for c in unit})
+            else:
+                dropped.update(unit)
+        full_cols = [c for c in torch.nonzero(full["attention_mask"][b]).flatten().tolist() if c not in dropped]
+        short_cols = torch.nonzero(short["attention_mask"][b]).flatten().tolist()
+        assert len(full_cols) == len(short_cols)
+        m = torch.full((full["input_ids"].shape[1],), -1)
+        s = torch.full((short["input_ids"].shape[1],), -1)
+        for f, c in zip(full_cols, short_cols):
+            m[f] = c
+            s[c] = slot_of.get(f, -1)
+        maps.append(m)
+        slots.append(s)
+    return maps, slots
+
+
+def oracle_run(model, impl, family, full, short, keep, report, chunk_groups):
+    """generate() of the unpatched model on `short`, each layer hiding what the report says it evicted."""
+    maps, slots = short_map(family, full, short, keep)
+    batch, n = short["input_ids"].shape
+    total = n + STEPS
+    queries = torch.arange(total)
+    for layer, held in enumerate(report.positions):
+        hide = torch.zeros(batch, total, total, dtype=torch.bool)
+        for b in range(batch):
+            kept_short = {int(maps[b][c]) for c in held[b].tolist() if c >= 0}
+            ends = {}
+            chunk = slots[b] // chunk_groups
+            for c in range(n):
+                if slots[b][c] >= 0:
+                    ends[int(chunk[c])] = c
+            video = (short["input_ids"][b] == VIDEO)
+            for c in range(n):
+                if video[c] and slots[b][c] >= 0 and c not in kept_short:
+                    hide[b, queries > ends[int(chunk[c])], c] = True
+        HIDE[layer] = hide
+    text = model.config.get_text_config(decoder=True)
+    previous = text._attn_implementation
+    text._attn_implementation = "videollm_oracle_" + impl
+    try:
+        return generate(model, short)
+    finally:
+        text._attn_implementation = previous
+
+
+# ---------------------------------------------------------------------------------------
+# (a), (b), (c) for every family, eager and sdpa, batch 1 and a left-padded batch of two.
+# ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("batch", [1, 2])
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("family", FAMILIES)
+def test_all_ratios_one_is_the_unpatched_model(family, impl, batch):
+    model = build(family, impl)
+    _, inputs = case(family, batch)
+    want = generate(model, inputs)
+    with apply_retake(model, RetakeConfig(frame_keep_ratio=1.0, kv_keep_ratio=1.0, chunk_frames=4)) as handle:
+        got = generate(model, inputs)
+    assert_same_run(got, want)
+    report = handle.report
+    assert [v.kept_frames.tolist() for v in report.videos] == [list(range(v.frames)) for v in report.videos]
+    # Everything real is held: text and every video token.
+    real = inputs["attention_mask"].sum(1)
+    for held in report.held_tokens():
+        assert held.tolist() == real.tolist()
+    assert_same_run(generate(model, inputs), want)  # removed: the unpatched model again
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("family", FAMILIES)
+def test_dropped_frames_equal_the_unpatched_model_on_the_kept_frames(family, impl, batch):
+    model = build(family, impl)
+    videos, inputs = case(family, batch)
+    with apply_retake(model, frame_keep_ratio=0.5, kv_keep_ratio=1.0, chunk_frames=4) as handle:
+        got = generate(model, inputs)
+    keep = kept_frames(handle.report, batch)
+    for b, video in enumerate(handle.report.videos):
+        assert len(keep[b]) == retake_ops.target_frames(video.frames, 0.5)
+        assert video.kept_tokens == len(keep[b]) * tokens_per_frame(family)
+    short = make_inputs(family, videos, PROMPTS[batch], QUESTIONS[batch], keep)
+    assert_same_run(got, generate(model, short))
+
+
+@pytest.mark.parametrize("guided", [True, False])
+@pytest.mark.parametrize("batch", [1, 2])
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("family", FAMILIES)
+def test_kv_eviction_equals_the_masked_oracle(family, impl, batch, guided):
+    model = build(family, impl)
+    videos, inputs = case(family, batch)
+    config = RetakeConfig(frame_keep_ratio=0.75, kv_keep_ratio=0.3, chunk_frames=4, question_guided=guided)
+    with apply_retake(model, config) as handle:
+        got = generate(model, inputs)
+    report = handle.report
+    keep = kept_frames(report, batch)
+    short = make_inputs(family, videos, PROMPTS[batch], QUESTIONS[batch], keep)
+    groups = 2 if family in QWEN else 4  # chunk_frames=4 raw frames: 2 temporal groups of 2
+    assert_same_run(got, oracle_run(model, impl, family, inputs, short, keep, report, groups))
+    per = tokens_per_frame(family)
+    for b, video in enumerate(report.videos):
+        n_video = len(keep[b]) * per
+        cols = [c for _, tokens in frame_columns(family, inputs, b) for c in tokens]
+        for held in report.positions:
+            kept_video = sum(int(c) in cols for c in held[b].tolist())
+            # Per chunk keep_tokens(n, 0.3) of its n video tokens (pivots may be forced over budget only with "keep").
+            chunks = [min(groups, len(keep[b]) - i) * per for i in range(0, len(keep[b]), groups)]
+            assert kept_video == sum(retake_ops.keep_tokens(n, 0.3) for n in chunks)
+            assert n_video > kept_video
+
+
+# ---------------------------------------------------------------------------------------
+# Plain forward calls continue at the right positions.
+# ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("batch", [1, 2])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_plain_forward_calls_continue_at_the_kept_frames_positions(family, batch):
+    """A prefill call, then a one-token call on the returned cache: batch 1 lets the model derive the
+    positions from the cache; a padded batch passes them as generate() does (attention-mask cumsum)."""
+    model = build(family, "sdpa")
+    videos, inputs = case(family, batch)
+
+    def two_steps(m, x):
+        out = m(**x)
+        cache = out["cache"] if "cache" in out else out["past_key_values"]
+        nxt = out.logits[:, -1:].argmax(-1)
+        if batch == 1:
+            step = m(input_ids=nxt, **cache_arg(m, cache))
+        else:
+            mask = torch.cat([x["attention_mask"], torch.ones_like(nxt)], dim=1)
+            pos = mask.cumsum(-1)[:, -1:] - 1
+            if family in QWEN:  # the model's own 3-D positions of the next text token
+                types = torch.cat([x["mm_token_type_ids"], torch.zeros_like(nxt)], 1)
+                extra = {k: x[k] for k in ("video_grid_thw", "second_per_grid_ts") if k in x}
+                full = torch.cat([x["input_ids"], nxt], 1)
+                pos = m.model.get_rope_index(full, mm_token_type_ids=types, attention_mask=mask, **extra)[0][..., -1:]
+            step = m(input_ids=nxt, attention_mask=mask, position_ids=pos, **cache_arg(m, cache))
+        return out.logits[:, -1], step.logits[:, -1]
+
+    with apply_retake(model, frame_keep_ratio=0.5, kv_keep_ratio=1.0, chunk_frames=4) as handle:
+        got = two_steps(model, inputs)
+    keep = kept_frames(handle.report, batch)
+    want = two_steps(model, make_inputs(family, videos, PROMPTS[batch], QUESTIONS[batch], keep))
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=0, atol=TOL)
+
+
+# ---------------------------------------------------------------------------------------
+# Pivots, question guidance, the report.
+# ---------------------------------------------------------------------------------------
+@pytest.mark.filterwarnings("error:PivotKV. pivot tokens outnumber")
+@pytest.mark.parametrize("family", ["qwen2_vl", "llava_onevision"])
+def test_keyframe_tokens_are_held_when_they_fit(family):
+    """Chunks of 16 (Qwen) or 24 (LLaVA) video tokens keep 75%; window 3 makes at most every other frame
+    a keyframe, so the pivots (at most half the tokens) always fit and nothing may warn."""
+    model = build(family, "sdpa")
+    _, inputs = case(family, 1)
+    with apply_retake(model, frame_keep_ratio=1.0, kv_keep_ratio=0.75, chunk_frames=8) as handle:
+        generate(model, inputs)
+    report = handle.report
+    for b, video in enumerate(report.videos):
+        frames = frame_columns(family, inputs, b)
+        assert set(video.keyframes.tolist()) <= set(video.kept_frames.tolist())
+        pivots = {c for j in video.keyframes.tolist() for c in frames[j][1]}
+        assert pivots, "DPSelect found no keyframe"
+        for held in report.positions:
+            assert pivots <= set(held[b].tolist())
+
+
+@pytest.mark.parametrize("policy", ["evict", "keep", "raise"])
+def test_pivots_outnumbering_a_chunk_budget_warn_or_raise(policy):
+    """window=1 makes every frame a keyframe: every video token is a pivot, the budget is 30%."""
+    model = build("qwen2_vl", "sdpa")
+    _, inputs = case("qwen2_vl", 1)
+    config = RetakeConfig(window=1, kv_keep_ratio=0.3, chunk_frames=4, pivot_overflow=policy)
+    if policy == "raise":
+        with pytest.raises(ValueError, match=r"pivot tokens outnumber the keep budget \(video chunk 0 row 0: 8 pivots for "
+                                             r"2 kept; 4 chunk row\(s\) in all\) and pivot_overflow='raise'"):
+            with apply_retake(model, config):
+                generate(model, inputs)
+        return
+    with pytest.warns(UserWarning, match=r"pivot tokens outnumber the keep budget in 4 chunk row\(s\) \(video chunk 0 row 0: "
+                                         rf"8 pivots for 2 kept.*pivot_overflow='{policy}'"):
+        with apply_retake(model, config) as handle:
+            generate(model, inputs)
+    want = 8 if policy == "keep" else 2
+    for held in handle.report.positions:
+        assert (held[0] >= 0).sum() == 3 + 1 + 4 * want + 1 + 4  # prompt, <vision_start>, chunks, <vision_end>, question
+
+
+def _layer0_scores_keep(model, inputs, report, guided):
+    """Layer 0's PivotKV choice for the first video chunk, recomputed from the definition."""
+    lm = model.model.language_model
+    attn = lm.layers[0].self_attn
+    modeling = sys.modules[type(attn).__module__]
+    ids = inputs["input_ids"]
+    embeds = lm.embed_tokens(ids)
+    feats = model.get_video_features(inputs["pixel_values_videos"], inputs["video_grid_thw"],
+                                     return_dict=True).pooler_output[0]
+    video = ids[0] == VIDEO
+    embeds[0, video] = feats
+    types = video.int()[None] * 2
+    positions, _ = model.model.get_rope_index(ids, mm_token_type_ids=types, video_grid_thw=inputs["video_grid_thw"],
+                                              attention_mask=inputs["attention_mask"])
+    cols = torch.nonzero(video).flatten()
+    chunk = cols[:4 * tokens_per_frame("qwen2_vl")]  # chunk_frames=8: four temporal groups
+    question = torch.arange(int(cols[-1]) + 1, ids.shape[1])
+    h = lm.layers[0].input_layernorm(embeds)
+    q_cols = torch.cat([chunk, question]) if guided else chunk
+    pos = positions[:, :, chunk]
+    if guided:  # the question runs right after everything fed so far (prefix and the chunk)
+        start = int(positions[:, 0, :int(chunk[-1]) + 1].max()) + 1
+        pos = torch.cat([pos, torch.arange(start, start + question.numel()).expand(3, 1, -1)], dim=2)
+    head = attn.head_dim
+
+    def project(proj, cols_):
+        return proj(h[:, cols_]).view(1, cols_.numel(), -1, head).transpose(1, 2)
+
+    q = project(attn.q_proj, q_cols)
+    k = project(attn.k_proj, chunk)
+    v = project(attn.v_proj, chunk)
+    cos_q, sin_q = lm.rotary_emb(h, pos)
+    cos_k, sin_k = lm.rotary_emb(h, positions[:, :, chunk])
+    q = modeling.apply_rotary_pos_emb(q, q, cos_q, sin_q)[0]
+    k = modeling.apply_rotary_pos_emb(k, k, cos_k, sin_k)[0]
+    key = report.videos[0].keyframes.tolist()
+    pivots = torch.tensor([[int(c - cols[0]) // tokens_per_frame("qwen2_vl") in key for c in chunk]])
+    keep = retake_ops.keep_tokens(chunk.numel(), 0.5)
+    _, _, idx = retake_ops.ref.pivot_kv_compress(q.double(), k.double(), v.double(), pivots, keep,
+                                                 scale=attn.scaling)
+    return set(chunk[idx[0]].tolist()), set(chunk.tolist())
+
+
+def test_question_guided_scores_follow_the_definition():
+    """Layer 0's picks in the first chunk, recomputed from the definition, with and without the question
+    (a long one, so that its queries matter): each run must make its own definition's picks."""
+    model = build("qwen2_vl", "eager")
+    videos = make_videos("qwen2_vl", [8])
+    inputs = make_inputs("qwen2_vl", videos, questions=[list(range(40, 64))])
+    config = RetakeConfig(frame_keep_ratio=1.0, kv_keep_ratio=0.5, chunk_frames=8, window=7)
+    runs = {}
+    for guided in (True, False):
+        with apply_retake(model, config, question_guided=guided) as handle:
+            model(**inputs)
+        want, chunk = _layer0_scores_keep(model, inputs, handle.report, guided)
+        runs[guided] = want
+        assert {c for c in handle.report.positions[0][0].tolist() if c in chunk} == want
+    assert runs[True] != runs[False], "the question does not change the picks: the test cannot tell them apart"
+
+
+def test_report_describes_every_video():
+    model = build("qwen2_vl", "sdpa")
+    _, inputs = case("qwen2_vl", 2)
+    with apply_retake(model, frame_keep_ratio=0.5, kv_keep_ratio=0.5, chunk_frames=4) as handle:
+        generate(model, inputs)
+        generate(model, inputs)
+    assert len(handle.reports) == 2 and handle.report is handle.reports[-1]
+    videos = handle.report.videos
+    assert [v.row for v in videos] == [0, 1] and [v.frames for v in videos] == [8, 5]
+    for v in videos:
+        kept = v.kept_frames.tolist()
+        assert kept == sorted(kept) and len(kept) == retake_ops.target_frames(v.frames, 0.5)
+        assert v.tokens == v.frames * 4 and v.kept_tokens == len(kept) * 4 and v.kv_keep_ratio == 0.5
+    assert handle.report.prefill_seconds > 0
+    assert [h.tolist() for h in handle.report.held_tokens()] == [
+        [int((p >= 0).sum()) for p in layer] for layer in handle.report.positions]
+
+
+def test_max_kv_tokens_sets_the_ratio_per_video():
+    model = build("qwen2_vl", "sdpa")
+    _, inputs = case("qwen2_vl", 2)  # 8 and 5 groups of 4 tokens, every frame kept: 32 and 20 video tokens
+    with apply_retake(model, max_kv_tokens=10, chunk_frames=4) as handle:
+        generate(model, inputs)
+    assert [v.kv_keep_ratio for v in handle.report.videos] == [10 / 32, 10 / 20]
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "llava_onevision"])
+def test_per_patch_selection_with_every_frame_kept_is_the_unpatched_model(family):
+    model = build(family, "sdpa")
+    _, inputs = case(family, 2)
+    want = generate(model, inputs)
+    with apply_retake(model, frame_keep_ratio=1.0, kv_keep_ratio=1.0, per_patch=True, chunk_frames=4) as handle:
+        got = generate(model, inputs)
+    assert_same_run(got, want)
+    n = tokens_per_frame(family)
+    for v in handle.report.videos:
+        assert v.kept_frames.shape == (v.frames, n) and v.keyframes.dtype == torch.bool
+    with apply_retake(model, frame_keep_ratio=0.5, kv_keep_ratio=0.5, per_patch=True, chunk_frames=4) as handle:
+        generate(model, inputs)
+    for v in handle.report.videos:
+        k = retake_ops.target_frames(v.frames, 0.5)
+        assert v.kept_frames.shape == (k, n) and v.kept_tokens == k * n
+        assert bool((v.kept_frames[1:] > v.kept_frames[:-1]).all())  # ascending per patch position
+
+
+def test_progress_bar_over_chunks(capsys):
+    model = build("qwen2_vl", "sdpa")
+    _, inputs = case("qwen2_vl", 1)
+    with apply_retake(model, kv_keep_ratio=0.5, chunk_frames=4, progress=True):
+        model(**inputs)
+    assert "ReTaKe prefill" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------
+# Class-level patches, removal, rejected models and configs.
+# ---------------------------------------------------------------------------------------
+def test_class_level_patch_applies_to_models_built_later_and_reverts():
+    from transformers import Qwen2VLForConditionalGeneration
+
+    original = Qwen2VLForConditionalGeneration.forward
+    _, inputs = case("qwen2_vl", 2)
+    before = build("qwen2_vl", "sdpa")
+    want_plain = generate(before, inputs)
+    config = RetakeConfig(frame_keep_ratio=0.75, kv_keep_ratio=0.3, chunk_frames=4)
+    with apply_retake(build("qwen2_vl", "sdpa"), config) as instance:
+        want_retake = generate(instance.target, inputs)
+    handle = apply_retake_to_qwen2_vl(config=config)
+    try:
+        assert Qwen2VLForConditionalGeneration.forward is not original
+        later = build("qwen2_vl", "sdpa")
+        assert_same_run(generate(later, inputs), want_retake)
+        assert handle.report is not None
+    finally:
+        handle.remove()
+    assert Qwen2VLForConditionalGeneration.forward is original
+    assert_same_run(generate(later, inputs), want_plain)
+    assert later.config.text_config._attn_implementation == "sdpa"
+    assert not any(m._forward_pre_hooks for m in later.modules())
+
+
+def test_instance_patch_reverts_exactly():
+    model = build("llava_onevision", "eager")
+    _, inputs = case("llava_onevision", 2)
+    want = generate(model, inputs)
+    handle = apply_retake_to_llava_onevision(model, kv_keep_ratio=0.25, chunk_frames=2)
+    assert "forward" in model.__dict__
+    generate(model, inputs)
+    handle.remove()
+    handle.remove()  # idempotent
+    assert "forward" not in model.__dict__
+    assert model.config.text_config._attn_implementation == "eager"
+    assert_same_run(generate(model, inputs), want)
+
+
+def test_patching_twice_is_rejected():
+    model = build("qwen2_vl", "sdpa")
+    with apply_retake(model):
+        with pytest.raises(ValueError, match=r"Qwen2VLForConditionalGeneration is already patched; remove\(\) that "
+                                             r"handle first"):
+            apply_retake(model)
+
+
+def test_model_type_table_covers_the_families():
+    assert sorted(MODEL_TYPE_TO_APPLY_FN) == ["llava_onevision", "qwen2_5_vl", "qwen2_vl", "qwen3_vl"]
+
+
+def test_unsupported_model_is_rejected():
+    model = LlamaForCausalLM(LlamaConfig(**TEXT))
+    with pytest.raises(ValueError, match=r"model LlamaForCausalLM has model_type 'llama'; ReTaKe supports "
+                                         r"\['llava_onevision', 'qwen2_5_vl', 'qwen2_vl', 'qwen3_vl'\]"):
+        apply_retake(model)
+    with pytest.raises(ValueError, match=r"apply_retake_to_qwen2_vl: model LlavaOnevisionForConditionalGeneration has "
+                                         r"model_type 'llava_onevision', expected one of \['qwen2_vl'\]"):
+        apply_retake_to_qwen2_vl(build("llava_onevision"))
+
+
+def test_models_the_prefill_cannot_run_are_rejected():
+    model = build("qwen2_vl", "sdpa")
+    model.config.text_config._attn_implementation = "flex_attention"
+    with pytest.raises(ValueError, match=r"uses attn_implementation='flex_attention'; expected one of \['eager', 'sdpa'\]"):
+        apply_retake(model)
+    model = build("qwen2_vl", "sdpa")
+    model.config.text_config.layer_types = ["sliding_attention", "full_attention"]
+    with pytest.raises(ValueError, match=r"has \['sliding_attention'\] decoder layers"):
+        apply_retake(model)
+    with pytest.raises(ValueError, match=r"per_patch=True is not available for qwen3_vl"):
+        apply_retake(build("qwen3_vl"), per_patch=True)
+
+
+def test_precomputed_video_features_are_rejected():
+    model = build("qwen2_vl", "sdpa")
+    _, inputs = case("qwen2_vl", 1)
+    features = model.get_video_features(inputs["pixel_values_videos"], inputs["video_grid_thw"], return_dict=True)
+    with apply_retake(model):
+        with pytest.raises(ValueError, match=r"pass pixel_values_videos \(and its grid\), not mm_encoder_outputs"):
+            model(input_ids=inputs["input_ids"], mm_encoder_outputs={"video": features})
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("frame_keep_ratio", 0.0, r"frame_keep_ratio must be a number in \(0, 1\], got 0.0"),
+    ("frame_keep_ratio", 1.5, r"frame_keep_ratio must be a number in \(0, 1\], got 1.5"),
+    ("kv_keep_ratio", -0.1, r"kv_keep_ratio must be a number in \(0, 1\], got -0.1"),
+    ("kv_keep_ratio", True, r"kv_keep_ratio must be a number in \(0, 1\], got True"),
+    ("window", 4, r"window must be odd, got 4"),
+    ("window", 0, r"window must be an int >= 1, got 0"),
+    ("chunk_frames", 0, r"chunk_frames must be an int >= 1, got 0"),
+    ("chunk_frames", 2.0, r"chunk_frames must be an int >= 1, got 2.0"),
+    ("max_kv_tokens", 0, r"max_kv_tokens must be an int >= 1, got 0"),
+    ("per_patch", 1, r"per_patch must be a bool, got 1"),
+    ("question_guided", "yes", r"question_guided must be a bool, got 'yes'"),
+    ("pivot_overflow", "drop", r"pivot_overflow must be one of \['evict', 'keep', 'raise'\], got 'drop'"),
+])
+def test_config_fields_are_validated(field, value, message):
+    with pytest.raises(ValueError, match=r"RetakeConfig: " + message):
+        RetakeConfig(**{field: value})
+
+
+def test_config_ratio_and_budget_are_exclusive():
+    with pytest.raises(ValueError, match=r"give kv_keep_ratio or max_kv_tokens, not both"):
+        RetakeConfig(kv_keep_ratio=0.5, max_kv_tokens=100)
+    with pytest.raises(ValueError, match=r"unknown RetakeConfig field\(s\) \['keep'\]"):
+        apply_retake(build("qwen2_vl"), keep=0.5)
+    assert RetakeConfig().kv_ratio(100) == 0.25 and RetakeConfig(max_kv_tokens=50).kv_ratio(200) == 0.25
+
+
+# ---------------------------------------------------------------------------------------
+# Position re-forging.
+# ---------------------------------------------------------------------------------------
+@pytest.mark.filterwarnings("ignore:PivotKV. pivot tokens outnumber")
+@pytest.mark.parametrize("impl", IMPLS)
+def test_mrope_reforging_equals_an_oracle_that_rotates_the_kept_keys(impl):
+    """Qwen2-VL: after each video chunk, each layer's kept video keys move to temporal position
+    t0 + (t - t0) * k // n (t0 the smallest kept, k of n kept), rotated here by hand with the model's own
+    rotary embedding in an uncompressed chunked run that hides the evicted keys."""
+    from transformers import DynamicCache
+
+    model = build("qwen2_vl", impl)
+    _, inputs = case("qwen2_vl", 1)
+    config = RetakeConfig(kv_keep_ratio=0.5, chunk_frames=4, reforge_positions=True)
+    with apply_retake(model, config) as handle:
+        out = model(**inputs)
+        cache = out["cache"] if "cache" in out else out["past_key_values"]
+        nxt = out.logits[:, -1:].argmax(-1)
+        step = model(input_ids=nxt, **cache_arg(model, cache)).logits[:, -1]
+    report = handle.report
+
+    lm = model.model.language_model
+    modeling = sys.modules[type(lm.rotary_emb).__module__]
+    ids = inputs["input_ids"]
+    n = ids.shape[1]
+    video = torch.nonzero(ids[0] == VIDEO).flatten()
+    feats = model.get_video_features(inputs["pixel_values_videos"], inputs["video_grid_thw"],
+                                     return_dict=True).pooler_output[0]
+    embeds = lm.embed_tokens(ids)
+    embeds[0, video] = feats
+    positions, deltas = model.model.get_rope_index(ids, mm_token_type_ids=(ids == VIDEO).int() * 2,
+                                                   video_grid_thw=inputs["video_grid_thw"])
+    chunk_tokens = 2 * tokens_per_frame("qwen2_vl")
+    chunks = [video[i:i + chunk_tokens] for i in range(0, video.numel(), chunk_tokens)]
+    bounds = [(0, int(video[0]))] + [(int(c[0]), int(c[-1]) + 1) for c in chunks] + [(int(video[-1]) + 1, n)]
+    ends = torch.full((n + 1,), n + 2)
+    for c in chunks:
+        ends[c] = int(c[-1])
+    queries = torch.arange(n + 1)
+    kept = [set(p[0].tolist()) for p in report.positions]
+    for layer in range(len(kept)):
+        evicted = torch.tensor([int(c) in set(video.tolist()) - kept[layer] for c in range(n + 1)])
+        HIDE[layer] = (evicted[None, :] & (queries[:, None] > ends[None, :]))[None]
+    text = model.config.get_text_config(decoder=True)
+    previous, text._attn_implementation = text._attn_implementation, "videollm_oracle_" + impl
+    oracle = DynamicCache()
+    try:
+        for s, e in bounds:
+            want = model(inputs_embeds=embeds[:, s:e], position_ids=positions[..., s:e],
+                         **cache_arg(model, oracle)).logits[:, -1]
+            chunk = next((c for c in chunks if int(c[0]) == s), None)
+            if chunk is None:
+                continue
+            for layer, held in enumerate(kept):
+                cols = torch.tensor([c for c in chunk.tolist() if c in held])
+                old = positions[:, :, cols]
+                t0 = int(old[0].min())
+                new = old.clone()
+                new[0] = t0 + (old[0] - t0) * cols.numel() // chunk.numel()
+                keys = oracle.layers[layer].keys
+                cos, sin = lm.rotary_emb(keys, new - old)
+                keys[:, :, cols] = modeling.apply_rotary_pos_emb(keys[:, :, cols], keys[:, :, cols], cos, sin)[1]
+        model.model.rope_deltas = deltas
+        want_step = model(input_ids=nxt, **cache_arg(model, oracle)).logits[:, -1]
+    finally:
+        text._attn_implementation = previous
+    torch.testing.assert_close(out.logits[:, -1], want, rtol=0, atol=1e-4)
+    torch.testing.assert_close(step, want_step, rtol=0, atol=1e-4)
+    held = cache.kept_positions(0)[0]
+    prefill = (held >= 0) & (held < n)
+    reforged = cache.reforged_positions(0)[:, 0, prefill]
+    assert reforged.shape[0] == 3 and not torch.equal(reforged, positions[:, 0, held[prefill]])
+    assert torch.equal(reforged[1:], positions[1:, 0, held[prefill]])  # only the temporal axis moves
+
+
+@pytest.mark.filterwarnings("ignore:PivotKV. pivot tokens outnumber")
+def test_one_d_reforging_runs_through_the_llava_pipeline():
+    """LLaVA-OneVision (1-D RoPE): kv_keep_ratio=1 re-forging is the identity; below 1 the later tokens run
+    earlier by what the chunks gave up, so the output differs from the plain PivotKV run."""
+    model = build("llava_onevision", "sdpa")
+    _, inputs = case("llava_onevision", 2)
+    with apply_retake(model, kv_keep_ratio=1.0, chunk_frames=2):
+        plain = generate(model, inputs)
+    with apply_retake(model, kv_keep_ratio=1.0, chunk_frames=2, reforge_positions=True):
+        assert_same_run(generate(model, inputs), plain)
+    with apply_retake(model, kv_keep_ratio=0.5, chunk_frames=2):
+        evicted = generate(model, inputs)
+    with apply_retake(model, kv_keep_ratio=0.5, chunk_frames=2, reforge_positions=True) as handle:
+        reforged = generate(model, inputs)
+    assert (reforged[1] - evicted[1]).abs().max() > 1e-4
+    # 6 frames of 4 tokens in 3 chunks of 2 frames: each chunk keeps 4 of 8, so later tokens run 12 earlier.
+    assert handle.report is not None

@@ -1,0 +1,146 @@
+"""Tiny random-weight VideoLLMs built from configs (no downloads, no torchvision) and
+processor-shaped inputs built by hand, for the ReTaKe tests, the demo test and the benchmark.
+
+Videos are described by a list of frame counts (temporal groups for the Qwen families) per row;
+`make_inputs` writes the token layout each family's processor writes, and `kept_inputs` writes
+the inputs of the same prompts with only some frames of each video: what the unpatched model
+sees of a video with those frames alone.
+"""
+import torch
+from transformers import (LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration, Qwen2_5_VLConfig,
+                          Qwen2_5_VLForConditionalGeneration, Qwen2VLConfig, Qwen2VLForConditionalGeneration,
+                          Qwen3VLConfig, Qwen3VLForConditionalGeneration)
+
+VOCAB = 160
+IMAGE, VIDEO, VSTART, VEND = 150, 151, 152, 153
+TEXT = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+            vocab_size=VOCAB, max_position_embeddings=4096, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+MROPE = {"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 10000.0}
+QWEN_IDS = dict(image_token_id=IMAGE, video_token_id=VIDEO, vision_start_token_id=VSTART, vision_end_token_id=VEND)
+QWEN_VISION = dict(patch_size=2, spatial_merge_size=2, temporal_patch_size=2)
+TIMESTAMP = (30, 31, 32)  # a Qwen3-VL frame's "<t seconds>" text
+
+
+def qwen2_vl(impl, **text):
+    vision = dict(QWEN_VISION, depth=1, embed_dim=32, num_heads=2, hidden_size=64, mlp_ratio=2)
+    config = Qwen2VLConfig(text_config=dict(TEXT, rope_parameters=MROPE, **text), vision_config=vision,
+                           attn_implementation=impl, **QWEN_IDS)
+    return Qwen2VLForConditionalGeneration(config)
+
+
+def qwen2_5_vl(impl, **text):
+    vision = dict(QWEN_VISION, depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
+                  window_size=8, fullatt_block_indexes=[1], tokens_per_second=2)
+    config = Qwen2_5_VLConfig(text_config=dict(TEXT, rope_parameters=MROPE, **text), vision_config=vision,
+                              attn_implementation=impl, **QWEN_IDS)
+    return Qwen2_5_VLForConditionalGeneration(config)
+
+
+def qwen3_vl(impl, **text):
+    vision = dict(QWEN_VISION, depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
+                  num_position_embeddings=16, deepstack_visual_indexes=[0])
+    rope = dict(MROPE, mrope_interleaved=True)
+    config = Qwen3VLConfig(text_config=dict(TEXT, head_dim=16, rope_parameters=rope, **text), vision_config=vision,
+                           attn_implementation=impl, **QWEN_IDS)
+    return Qwen3VLForConditionalGeneration(config)
+
+
+def llava_onevision(impl, **text):
+    vision = dict(model_type="siglip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                  num_attention_heads=2, image_size=8, patch_size=2)
+    config = LlavaOnevisionConfig(text_config=dict(TEXT, model_type="qwen2", **text), vision_config=vision,
+                                  image_token_index=IMAGE, video_token_index=VIDEO, vision_feature_layer=-1,
+                                  vision_feature_select_strategy="full", attn_implementation=impl)
+    return LlavaOnevisionForConditionalGeneration(config)
+
+
+BUILDERS = {"qwen2_vl": qwen2_vl, "qwen2_5_vl": qwen2_5_vl, "qwen3_vl": qwen3_vl,
+            "llava_onevision": llava_onevision}
+QWEN = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
+GRID = 4  # Qwen: a frame is GRID x GRID patches -> GRID**2 / 4 tokens
+LLAVA_TOKENS = 4  # LLaVA-OneVision: pooled tokens per 8 x 8 frame
+
+
+def build(family, impl="sdpa", seed=0, **text):
+    torch.manual_seed(seed)
+    model = BUILDERS[family](impl, **text).eval()
+    model.generation_config.eos_token_id = None  # fixed-length greedy runs
+    model.generation_config.pad_token_id = 0
+    return model
+
+
+def tokens_per_frame(family):
+    return GRID * GRID // 4 if family in QWEN else LLAVA_TOKENS
+
+
+def frame_pixels(family, frames, seed):
+    """Per frame (temporal group), the pixel tensor a processor would give for it."""
+    g = torch.Generator().manual_seed(seed)
+    if family in QWEN:
+        return [torch.randn(GRID * GRID, 3 * 2 * 2 * 2, generator=g) for _ in range(frames)]
+    return [torch.randn(3, 8, 8, generator=g) for _ in range(frames)]
+
+
+def make_videos(family, frames_per_row, seed=0):
+    """Per row, the pixels of each of its frames."""
+    return [frame_pixels(family, frames, seed + 17 * b) for b, frames in enumerate(frames_per_row)]
+
+
+def make_inputs(family, videos, prompts=None, questions=None, keep=None):
+    """Processor-shaped, left-padded inputs. videos[b]: row b's frame pixels; keep[b]: the frames
+    of row b's video to include (default all), prompts / questions: text token ids per row."""
+    batch = len(videos)
+    prompts = prompts or [[5, 6, 7] for _ in range(batch)]
+    questions = questions or [[20, 21, 22, 23] for _ in range(batch)]
+    keep = keep or [list(range(len(v))) for v in videos]
+    rows, pixels, grids = [], [], []
+    for b in range(batch):
+        frames = [videos[b][j] for j in keep[b]]
+        ids = list(prompts[b])
+        if family in QWEN:
+            per = tokens_per_frame(family)
+            if family == "qwen3_vl":
+                ids += [VSTART]
+                for _ in frames:
+                    ids += list(TIMESTAMP) + [VSTART] + [VIDEO] * per + [VEND]
+                ids += [VEND]
+            else:
+                ids += [VSTART] + [VIDEO] * (len(frames) * per) + [VEND]
+            pixels.append(torch.cat(frames))
+            grids.append([len(frames), GRID, GRID])
+        else:
+            ids += [VIDEO] * (len(frames) * LLAVA_TOKENS + 1)
+            pixels.append(torch.stack(frames))
+        rows.append(ids + list(questions[b]))
+    width = max(len(r) for r in rows)
+    input_ids = torch.zeros(batch, width, dtype=torch.long)
+    mask = torch.zeros(batch, width, dtype=torch.long)
+    for b, r in enumerate(rows):
+        input_ids[b, width - len(r):] = torch.tensor(r)
+        mask[b, width - len(r):] = 1
+    inputs = dict(input_ids=input_ids, attention_mask=mask)
+    if family in QWEN:
+        inputs.update(pixel_values_videos=torch.cat(pixels), video_grid_thw=torch.tensor(grids),
+                      mm_token_type_ids=(input_ids == VIDEO).int() * 2)
+        if family == "qwen2_5_vl":
+            inputs["second_per_grid_ts"] = torch.tensor([1.0] * batch)
+    else:
+        inputs["pixel_values_videos"] = torch.stack(pixels)
+    return inputs
+
+
+def frame_columns(family, inputs, row):
+    """For one row of make_inputs' output: per frame, (unit columns, video token columns)."""
+    ids = inputs["input_ids"][row]
+    video = torch.nonzero(ids == VIDEO).flatten().tolist()
+    per = tokens_per_frame(family)
+    n_frames = len(video) // per
+    out = []
+    for j in range(n_frames):
+        tokens = video[j * per:(j + 1) * per]
+        if family == "qwen3_vl":
+            unit = list(range(tokens[0] - 1 - len(TIMESTAMP), tokens[-1] + 2))
+        else:
+            unit = tokens
+        out.append((unit, tokens))
+    return out
