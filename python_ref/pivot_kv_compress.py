@@ -4,7 +4,7 @@ A transliteration of the original PivotKVCache.update: softmax(q k^T * scale) in
 repeated to the query heads, cast to the input dtype, summed over the queries, averaged over
 the query heads of each kv group and then over the groups; pivot scores set to 1.0
 (force_pivots=False, the original) or pivots ranked first (force_pivots=True); top-k, sorted.
-Two departures, both DESIGN.md rules: q k^T is computed in fp32 (the original multiplies in
+Two departures, both rules of docs/ops.md: q k^T is computed in fp32 (the original multiplies in
 the input dtype), and ties go to the lower index (the original's torch.topk leaves them open).
 """
 import torch

@@ -21,7 +21,7 @@ def assert_same_as_reference(feats, k, window=3, sync=True, check_finite=True):
 
 
 def rank_by_rule(dist, peaks):
-    """DESIGN.md's rule spelled out in Python: (peak desc, distance desc, index asc)."""
+    """The documented rule (docs/ops.md) spelled out in Python: (peak desc, distance desc, index asc)."""
     return sorted(range(len(dist)), key=lambda t: (not peaks[t], -dist[t], t))
 
 

@@ -1,4 +1,4 @@
-"""retake::frame_distance against an fp64 evaluation of DESIGN.md's formula and the reference."""
+"""retake::frame_distance against an fp64 evaluation of the documented formula (docs/ops.md) and the reference."""
 import re
 
 import pytest
