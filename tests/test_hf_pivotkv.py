@@ -595,3 +595,19 @@ def test_generate_with_its_own_prefill_chunks_warns_that_nothing_is_evicted():
     with pytest.warns(UserWarning, match=r"outside a chunked prefill, so nothing was evicted"):
         model.generate(input_ids=ids, **cache_arg(model, cache), max_new_tokens=2, do_sample=False,
                        prefill_chunk_size=16)
+
+
+def test_reset_cache_prefills_as_a_new_one():
+    model = build("llama", "sdpa")
+    ids = torch.randint(3, 120, (1, 70), generator=torch.Generator().manual_seed(26))
+    fresh = PivotKVCache(keep_ratio=0.25, reforge_positions=True)
+    want = chunked_prefill(model, ids, cache=fresh, chunk_size=16)
+    reused = PivotKVCache(keep_ratio=0.25, reforge_positions=True)
+    chunked_prefill(model, ids.flip(1), cache=reused, chunk_size=16)
+    reused.reset()
+    assert reused.get_seq_length() == 0 and reused.position_shift is None
+    got = chunked_prefill(model, ids, cache=reused, chunk_size=16)
+    assert torch.equal(got, want)
+    for layer in range(n_layers(model)):
+        assert torch.equal(reused.kept_positions(layer), fresh.kept_positions(layer))
+    assert torch.equal(reused.position_shift, fresh.position_shift)

@@ -358,7 +358,7 @@ def test_report_describes_every_video():
     with apply_retake(model, frame_keep_ratio=0.5, kv_keep_ratio=0.5, chunk_frames=4) as handle:
         generate(model, inputs)
         generate(model, inputs)
-    assert len(handle.reports) == 2 and handle.report is handle.reports[-1]
+    assert handle.prefills == 2
     videos = handle.report.videos
     assert [v.row for v in videos] == [0, 1] and [v.frames for v in videos] == [8, 5]
     for v in videos:
@@ -609,3 +609,142 @@ def test_one_d_reforging_runs_through_the_llava_pipeline():
     assert (reforged[1] - evicted[1]).abs().max() > 1e-4
     # 6 frames of 4 tokens in 3 chunks of 2 frames: each chunk keeps 4 of 8, so later tokens run 12 earlier.
     assert handle.report is not None
+
+
+# ---------------------------------------------------------------------------------------
+# generate() options, one-frame videos, per-patch features, 1-D re-forging, rejected inputs.
+# ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("options", [dict(num_beams=2, num_return_sequences=2),
+                                     dict(do_sample=True, top_k=1, num_return_sequences=2)],
+                         ids=["beams", "sampled-copies"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_repeated_rows_for_generation_see_their_own_videos(family, options):
+    """Beams and several returned sequences repeat each row with its videos: every ratio at 1 is still the
+    unpatched model."""
+    model = build(family, "sdpa")
+    _, inputs = case(family, 2)
+
+    def run():
+        torch.manual_seed(0)
+        kw = dict(max_new_tokens=3, output_logits=True, return_dict_in_generate=True)
+        kw.setdefault("do_sample", False)
+        kw.update(options)
+        out = model.generate(**inputs, **kw)
+        return out.sequences[:, -3:], torch.stack(out.logits, 1)
+
+    want = run()
+    with apply_retake(model, frame_keep_ratio=1.0, kv_keep_ratio=1.0, chunk_frames=4):
+        assert_same_run(run(), want)
+
+
+def test_one_frame_llava_video_is_the_unpatched_model():
+    model = build("llava_onevision", "sdpa")
+    videos = make_videos("llava_onevision", [1])
+    inputs = make_inputs("llava_onevision", videos)
+    want = generate(model, inputs)
+    with apply_retake(model, frame_keep_ratio=1.0, kv_keep_ratio=1.0) as handle:
+        assert_same_run(generate(model, inputs), want)
+    assert handle.report.videos[0].frames == 1 and handle.report.videos[0].kept_tokens == 4
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "llava_onevision"])
+def test_per_patch_selection_feeds_each_patch_its_own_frame(family):
+    """kv_keep_ratio 1 and per_patch: the unpatched model on a k-frame video whose patch n of slot j is the
+    vision feature of frame kept_frames[j, n], built here by hand (the positions of k frames)."""
+    model = build(family, "eager")
+    videos, inputs = case(family, 2)
+    with apply_retake(model, frame_keep_ratio=0.5, kv_keep_ratio=1.0, per_patch=True, chunk_frames=4) as handle:
+        got = model(**inputs).logits[:, -1]
+    n = tokens_per_frame(family)
+    slots = [v.kept_frames.shape[0] for v in handle.report.videos]
+    short = make_inputs(family, videos, PROMPTS[2], QUESTIONS[2], [list(range(k)) for k in slots])
+    if family in QWEN:
+        feats = model.get_video_features(inputs["pixel_values_videos"], inputs["video_grid_thw"],
+                                         return_dict=True).pooler_output
+        feats = [f.view(-1, n, f.shape[-1]) for f in feats]
+    else:
+        pooled = model.get_video_features(inputs["pixel_values_videos"], vision_feature_layer=-1,
+                                          vision_feature_select_strategy="full", return_dict=True).pooler_output
+        frames = inputs["pixel_values_videos"].shape[1]
+        feats = [pooled[b, :frames * n].view(frames, n, -1) for b in range(2)]
+    picked = [f[v.kept_frames, torch.arange(n)].reshape(-1, f.shape[-1]) for f, v in zip(feats, handle.report.videos)]
+    ids = short["input_ids"]
+    video = ids == VIDEO
+    if family not in QWEN:  # each row's newline follows its frames
+        newline = model.model.image_newline[None]
+        picked = [torch.cat([p, newline]) for p in picked]
+    embeds = model.get_input_embeddings()(ids).masked_scatter(video[..., None], torch.cat(picked))
+    if family in QWEN:
+        pos = model.model.get_rope_index(ids, mm_token_type_ids=short["mm_token_type_ids"],
+                                         attention_mask=short["attention_mask"],
+                                         video_grid_thw=short["video_grid_thw"])[0]
+    else:
+        pos = torch.arange(ids.shape[1]).expand(2, -1)  # the decoder's own (no position_ids given)
+    want = model(inputs_embeds=embeds, attention_mask=short["attention_mask"], position_ids=pos).logits[:, -1]
+    torch.testing.assert_close(got, want, rtol=0, atol=TOL)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_llava_reforging_equals_chunked_prefill_with_reforging(impl):
+    """LLaVA-OneVision (1-D RoPE), no question guidance: the ReTaKe prefill with re-forging holds and
+    computes what chunked_prefill(reforge_positions=True) does on the same embeddings, chunks and pivots."""
+    from retake_ops.hf import chunked_prefill
+
+    model = build("llava_onevision", impl)
+    videos = make_videos("llava_onevision", [6])
+    inputs = make_inputs("llava_onevision", videos, prompts=[list(range(40, 48))])  # 8 prompt tokens: one chunk
+    config = RetakeConfig(kv_keep_ratio=0.5, chunk_frames=2, reforge_positions=True, question_guided=False, window=5)
+    with apply_retake(model, config) as handle:
+        out = model(**inputs)
+        cache = out["cache"] if "cache" in out else out["past_key_values"]
+        nxt = out.logits[:, -1:].argmax(-1)
+        step = model(input_ids=nxt, **cache_arg(model, cache)).logits[:, -1]
+    assert cache.position_shift.tolist() == [12]  # 3 chunks of 8 video tokens keep 4 each
+    ids = inputs["input_ids"]
+    video = ids == VIDEO
+    feats = model.get_video_features(inputs["pixel_values_videos"], vision_feature_layer=-1,
+                                     vision_feature_select_strategy="full", return_dict=True).pooler_output
+    embeds = model.get_input_embeddings()(ids).masked_scatter(video[..., None], torch.cat(
+        [feats[0, :24], model.model.image_newline[None]]))
+    cols = torch.nonzero(video[0]).flatten()
+    compress = video.clone()
+    compress[0, cols[-1]] = False  # the newline is never evicted
+    pivots = torch.zeros_like(video)
+    for j in handle.report.videos[0].keyframes.tolist():
+        pivots[0, cols[j * 4:(j + 1) * 4]] = True
+    other = PivotKVCache(keep_ratio=0.5, reforge_positions=True)
+    last = chunked_prefill(model, inputs_embeds=embeds, cache=other, chunk_size=8, compress_mask=compress,
+                           pivot_mask=pivots)
+    for layer, held in enumerate(handle.report.positions):
+        assert torch.equal(held[held >= 0], other.kept_positions(layer)[0])
+    torch.testing.assert_close(out.logits[:, -1], last, rtol=0, atol=TOL)
+    torch.testing.assert_close(step, model(input_ids=nxt, **cache_arg(model, other)).logits[:, -1], rtol=0, atol=TOL)
+
+
+def test_inputs_the_prefill_cannot_use_are_rejected_by_name():
+    model = build("qwen2_vl", "sdpa")
+    _, inputs = case("qwen2_vl", 1)
+    with apply_retake(model):
+        no_grid = {k: v for k, v in inputs.items() if k != "video_grid_thw"}
+        with pytest.raises(ValueError, match=r"got pixel_values_videos without video_grid_thw"):
+            model(**no_grid)
+        wrong_grid = dict(inputs, video_grid_thw=torch.tensor([[7, 4, 4]]))
+        with pytest.raises(ValueError, match=r"pixel_values_videos has 128 patch rows but video_grid_thw "
+                                             r"\[\[7, 4, 4\]\] describes 112"):
+            model(**wrong_grid)
+        embeds = dict(inputs, inputs_embeds=model.get_input_embeddings()(inputs["input_ids"]))
+        del embeds["input_ids"]
+        with pytest.raises(ValueError, match=r"needs the processor's input_ids .* got inputs_embeds"):
+            model(**embeds)
+        with pytest.raises(ValueError, match=r"makes its own PivotKVCache from the handle's RetakeConfig"):
+            model(**inputs, **cache_arg(model, PivotKVCache()))
+
+
+@pytest.mark.parametrize("hidden", [64, 192])
+def test_tiny_model_builds_at_any_width(hidden):
+    from retake_ops.hf.tiny import tiny_qwen2_vl, video_inputs
+
+    model = tiny_qwen2_vl(layers=1, hidden=hidden)
+    video = torch.randint(0, 256, (4, 56, 56, 3), dtype=torch.uint8)
+    inputs = video_inputs(model, [video], [[5]], [[6, 7]], size=56)
+    assert model(**inputs).logits.shape == (1, inputs["input_ids"].shape[1], 1024)

@@ -47,16 +47,39 @@ def cache_from_kwargs(kwargs: dict):
     return kwargs.get("past_key_values") if cache is None else cache
 
 
-def output_cache(outputs):
-    """The cache a model output returns, whichever field carries it."""
-    cache = outputs.get("cache")
-    return outputs.get("past_key_values") if cache is None else cache
-
-
 def cache_arg(model, cache) -> dict:
     """{name: cache} for `model.generate(..., **cache_arg(model, cache))` and plain forward calls: the
     argument name the installed transformers expects (`cache` from 5.24 on, `past_key_values` before)."""
     return {cache_kwarg(model.forward): cache}
+
+
+def pre_encodes_vision(forward) -> bool:
+    """Whether generate() runs a model's vision tower itself before the prefill (5.24 on: its forward
+    takes mm_encoder_outputs) instead of passing pixel values to the forward."""
+    return "mm_encoder_outputs" in inspect.signature(forward).parameters
+
+
+# GenerationMixin's hook that repeats every input for beams and several returned sequences.
+EXPAND_HOOK = "_expand_inputs_for_generation"
+
+
+def generate_positions(mask: torch.Tensor) -> torch.Tensor:
+    """The 1-D positions generate() gives a left-padded batch: the attention mask's cumsum - 1
+    (padding at 1)."""
+    return (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 1)
+
+
+def rope_index(model, ids: torch.Tensor, mask: torch.Tensor, video_token_id: int, extra: dict):
+    """(positions int64 [3, B, L], rope_deltas [B, 1]) of a Qwen-family VideoLLM from its own
+    get_rope_index, for inputs whose only vision tokens are videos."""
+    types = (ids == video_token_id).int() * 2
+    return model.model.get_rope_index(ids, mm_token_type_ids=types, attention_mask=mask, **extra)
+
+
+def set_rope_deltas(model, deltas: torch.Tensor) -> None:
+    """Set the per-row offset a Qwen-family VideoLLM adds to the positions it derives for later calls
+    (tokens counted by the attention mask, or by the cache without one)."""
+    model.model.rope_deltas = deltas
 
 
 def patched_forward_signature(forward) -> inspect.Signature:

@@ -31,11 +31,11 @@ _GROWTH = 8  # capacity grows by 1/_GROWTH of what is needed (at least _MIN_GROW
 _MIN_GROWTH = 64
 
 
-def check_keep_ratio(keep_ratio, owner: str = "PivotKVCache") -> float:
-    """keep_ratio as float, or ValueError naming the value and the expected range."""
-    if isinstance(keep_ratio, bool) or not isinstance(keep_ratio, (int, float)) or not 0.0 < keep_ratio <= 1.0:
-        raise ValueError(f"{owner}: keep_ratio must be a number in (0, 1], got {keep_ratio!r}")
-    return float(keep_ratio)
+def check_ratio(owner: str, name: str, value) -> float:
+    """A ratio as float, or ValueError naming the owner, the field, the value and the expected range."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < value <= 1.0:
+        raise ValueError(f"{owner}: {name} must be a number in (0, 1], got {value!r}")
+    return float(value)
 
 
 def check_pivot_overflow(policy, owner: str = "PivotKVCache") -> str:
@@ -130,12 +130,11 @@ class PivotKVLayer(DynamicLayer):
         return self.keys, self.values
 
     def compact(self, idx: torch.Tensor, valid: torch.Tensor, drop: int,
-                kept: tuple[torch.Tensor, torch.Tensor] | None = None,
-                rope: torch.Tensor | None = None) -> None:
+                kept: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
         """Keep, of the latest update's slots, those at chunk columns idx (int64 [B, slots]);
         valid (bool [B, slots]) marks which of them hold a token. `drop` trailing tokens of
         the update (probe tokens) leave the sequence. kept: the kept rows, already gathered
-        (skips the gather); rope: their RoPE positions [B, slots, P] when re-forging."""
+        (skips the gather). RoPE positions (re-forging) follow the gather."""
         n_prev, slots = self.n_prev, idx.shape[1]
         new = slice(n_prev, self.length)
         if kept is None:
@@ -147,11 +146,16 @@ class PivotKVLayer(DynamicLayer):
             self._v[:, :, n_prev:n_prev + slots].copy_(kept[1])
         self._pos[:, n_prev:n_prev + slots] = self._pos[:, new].gather(1, idx).masked_fill(~valid, -1)
         self._valid[:, n_prev:n_prev + slots] = self._valid[:, new].gather(1, idx) & valid
-        if rope is not None:
-            self._rope[:, n_prev:n_prev + slots] = rope
+        if self._rope is not None:
+            parts = self._rope.shape[-1]
+            self._rope[:, n_prev:n_prev + slots] = self._rope[:, new].gather(1, idx[..., None].expand(-1, -1, parts))
         self._set_length(n_prev + slots)
         self.cumulative_length -= drop
         self.all_valid = None
+
+    def set_rope(self, slots: slice, rope: torch.Tensor) -> None:
+        """RoPE positions [B, n, P] of held slots (re-forging moved their keys there)."""
+        self._rope[:, slots] = rope
 
     def drop_tail(self, drop: int) -> None:
         """Forget the last `drop` tokens of the latest update (probe tokens), keeping the rest."""
@@ -191,6 +195,8 @@ class PivotKVLayer(DynamicLayer):
 
     def reset(self) -> None:
         super().reset()
+        self.keys = self.values = None
+        self.is_initialized = False  # transformers 5.17's reset keeps it set; storage is dropped here
         self.cumulative_length = 0
         self.length = self.n_prev = 0
         self._k = self._v = self._pos = self._valid = self._rope = None
@@ -309,7 +315,7 @@ class PivotKVCache(DynamicCache):
 
     def __init__(self, keep_ratio: float = 0.25, force_pivots: bool = True, reforge_positions: bool = False,
                  pivot_overflow: str = "evict"):
-        self.keep_ratio = check_keep_ratio(keep_ratio)
+        self.keep_ratio = check_ratio("PivotKVCache", "keep_ratio", keep_ratio)
         if not isinstance(force_pivots, bool):
             raise ValueError(f"PivotKVCache: force_pivots must be a bool, got {force_pivots!r}")
         if not isinstance(reforge_positions, bool):
@@ -368,6 +374,13 @@ class PivotKVCache(DynamicCache):
                              "its held keys are at their original positions (kept_positions)")
         rope = self._layer(layer_idx).rope_positions
         return rope[..., 0] if rope.shape[-1] == 1 else rope.permute(2, 0, 1)
+
+    def reset(self) -> None:
+        """Empty every layer and forget what the prefills left (position shifts, re-forging state)."""
+        super().reset()
+        self.position_shift = self.length_shift = self.rope = None
+        self.reserved = 0
+        self.planned = self.prefilling = self._warned_unplanned = False
 
     def reserve(self, slots: int) -> None:
         """Allocate room for `slots` slots per layer up front (a planned prefill knows its peak)."""

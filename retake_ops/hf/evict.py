@@ -64,10 +64,9 @@ def evict(layer, plan: StepPlan, query: torch.Tensor, scale: float | None, step)
         old, new = rope
         slots = slice(n_prev, n_prev + ev.slots)
         moved = (old != new).any(-1)
-        if bool(moved.any()):
-            keys = layer.keys[:, :, slots]
-            keys.copy_(torch.where(moved[:, None, :, None], cache.rope.rerotate(keys, old, new), keys))
-        layer._rope[:, slots] = new
+        keys = layer.keys[:, :, slots]
+        keys.copy_(torch.where(moved[:, None, :, None], cache.rope.rerotate(keys, old, new), keys))
+        layer.set_rope(slots, new)
 
 
 def _reforge(layer, ev, idx, kept_rows, step) -> tuple[torch.Tensor, torch.Tensor]:

@@ -16,18 +16,12 @@ from dataclasses import dataclass
 
 from . import _compat
 from .attention import disable_pivotkv_attention
-from .cache import PIVOT_OVERFLOW, PivotKVCache
+from .cache import PivotKVCache, check_pivot_overflow, check_ratio
 from .models import FAMILIES
 from .videollm import RetakeReport, retake_prefill
 
 _MARK = "_retake_handle"
-
-
-def _check_ratio(name: str, value, allow_none: bool = False) -> None:
-    if value is None and allow_none:
-        return
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < value <= 1.0:
-        raise ValueError(f"RetakeConfig: {name} must be a number in (0, 1], got {value!r}")
+_ABSENT = object()
 
 
 def _check_int(name: str, value, low: int, allow_none: bool = False) -> None:
@@ -52,7 +46,9 @@ class RetakeConfig:
         kv_keep_ratio: PivotKV keeps keep_tokens(n, ratio) = max(1, int(ratio * n)) of each chunk's n
             video tokens per row. Default 0.25 unless max_kv_tokens is given.
         max_kv_tokens: instead of kv_keep_ratio, a budget of video tokens per row: ratio =
-            min(1, max_kv_tokens / video tokens after DPSelect) (ReTaKe's dynamic ratio).
+            min(1, max_kv_tokens / video tokens after DPSelect) (ReTaKe's dynamic ratio). The
+            tokens held come close to it: every chunk keeps at least one, int() rounds down per
+            chunk, and pivot_overflow="keep" may go over.
         chunk_frames: raw video frames per prefill chunk (ReTaKe's chunked_prefill_frames); for the
             Qwen families a chunk holds chunk_frames // temporal_patch_size temporal groups (at least 1).
         question_guided: score each chunk with its own queries plus the question's (the text after
@@ -77,11 +73,12 @@ class RetakeConfig:
     progress: bool = False
 
     def __post_init__(self):
-        _check_ratio("frame_keep_ratio", self.frame_keep_ratio)
+        check_ratio("RetakeConfig", "frame_keep_ratio", self.frame_keep_ratio)
         _check_int("window", self.window, 1)
         if self.window % 2 != 1:
             raise ValueError(f"RetakeConfig: window must be odd, got {self.window}")
-        _check_ratio("kv_keep_ratio", self.kv_keep_ratio, allow_none=True)
+        if self.kv_keep_ratio is not None:
+            check_ratio("RetakeConfig", "kv_keep_ratio", self.kv_keep_ratio)
         _check_int("max_kv_tokens", self.max_kv_tokens, 1, allow_none=True)
         if self.kv_keep_ratio is not None and self.max_kv_tokens is not None:
             raise ValueError(f"RetakeConfig: give kv_keep_ratio or max_kv_tokens, not both (got kv_keep_ratio="
@@ -90,9 +87,7 @@ class RetakeConfig:
         for name in ("per_patch", "question_guided", "force_pivots", "reforge_positions", "progress"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"RetakeConfig: {name} must be a bool, got {getattr(self, name)!r}")
-        if self.pivot_overflow not in PIVOT_OVERFLOW:
-            raise ValueError(f"RetakeConfig: pivot_overflow must be one of {list(PIVOT_OVERFLOW)}, "
-                             f"got {self.pivot_overflow!r}")
+        check_pivot_overflow(self.pivot_overflow, "RetakeConfig")
 
     def kv_ratio(self, video_tokens: int) -> float:
         """The PivotKV keep ratio of a row with this many video tokens (after DPSelect)."""
@@ -128,7 +123,8 @@ class RetakeHandle:
     """An applied ReTaKe patch: `remove()` (or leaving its `with` block) undoes it.
 
     `report` is the latest prefill's RetakeReport (per video: frames kept, keyframes, tokens;
-    per layer: the input_ids columns of the held tokens); `reports` keeps every one.
+    per layer: the input_ids columns of the held tokens); `prefills` counts them. Only the
+    latest report is kept, so a class-level patch in a long evaluation does not grow.
     """
 
     def __init__(self, family, config: RetakeConfig, target, instance: bool):
@@ -136,34 +132,32 @@ class RetakeHandle:
         self.config = config
         self.target = target  # the model (instance patch) or its class (class-level patch)
         self.instance = instance
-        self.reports: list[RetakeReport] = []
+        self.report: RetakeReport | None = None
+        self.prefills = 0
         self._models = weakref.WeakSet()
         self._checked = weakref.WeakSet()
-        self._original = None
-        self._previous = None
+        self._restore: list[tuple[object, str, object]] = []  # (owner, attribute, previous or _ABSENT)
         self.active = False
 
-    @property
-    def report(self) -> RetakeReport | None:
-        return self.reports[-1] if self.reports else None
+    def _set(self, owner, name: str, value) -> None:
+        """owner.name = value, remembering what remove() puts back (or deletes)."""
+        self._restore.append((owner, name, owner.__dict__.get(name, _ABSENT)))
+        setattr(owner, name, value)
 
     def _install(self) -> None:
         target = self.target
-        if self.instance:
-            self._previous = target.__dict__.get("forward")
-            original = target.forward
-            signature = inspect.signature(type(target).forward)
-        else:
-            original = target.__dict__["forward"]
-            signature = inspect.signature(original)
-        shown = _compat.patched_forward_signature(type(target).forward if self.instance else original)
+        cls = type(target) if self.instance else target
+        original = target.forward if self.instance else cls.__dict__["forward"]
         if getattr(original, _MARK, None) is not None:
             raise ValueError(f"apply_retake: {self._name()} is already patched; remove() that handle first")
-        self._original = original
+        signature = inspect.signature(cls.forward)
         handle = self
 
+        def bind(model, function):
+            return function if handle.instance else types.MethodType(function, model)
+
         def forward(model, *args, **kwargs):
-            call = original if handle.instance else types.MethodType(original, model)
+            call = bind(model, original)
             named = _named(signature, (model, *args), kwargs)
             named.pop("self", None)
             cache = _compat.cache_from_kwargs(named)
@@ -171,21 +165,39 @@ class RetakeHandle:
                 raise ValueError("apply_retake: the ReTaKe prefill runs the vision tower itself; pass "
                                  "pixel_values_videos (and its grid), not mm_encoder_outputs")
             if handle.family.has_video(named) and (cache is None or cache.get_seq_length() == 0):
+                if isinstance(cache, PivotKVCache):
+                    raise ValueError("apply_retake: the ReTaKe prefill makes its own PivotKVCache from the handle's "
+                                     "RetakeConfig; pass no cache (generate() makes an empty one, which is fine)")
                 handle._check(model)
                 handle._models.add(model)
-                out, report = retake_prefill(model, handle.family, handle.config, named, call,
-                                             cache if isinstance(cache, PivotKVCache) else None)
-                handle.reports.append(report)
+                out, handle.report = retake_prefill(model, handle.family, handle.config, named, call)
+                handle.prefills += 1
                 return out
             return call(**named)
 
         setattr(forward, _MARK, self)
         forward.__doc__ = getattr(original, "__doc__", None)
-        forward.__signature__ = shown  # generate() reads forward's signature to choose what to pass
-        if self.instance:
-            target.forward = types.MethodType(forward, target)
-        else:
-            target.forward = forward
+        # generate() reads forward's signature to choose what to pass: the patched one takes raw pixels.
+        forward.__signature__ = _compat.patched_forward_signature(cls.forward)
+        self._set(target, "forward", types.MethodType(forward, target) if self.instance else forward)
+        if _compat.pre_encodes_vision(cls.forward) and self.family.video_inputs:
+            # generate() no longer encodes the videos itself, so their inputs reach its generic
+            # row-wise repeat for beams and several sequences: the family repeats them per video.
+            expand_inputs = getattr(target, _compat.EXPAND_HOOK)
+
+            def expand(model, expand_size=1, is_encoder_decoder=False, input_ids=None, **model_kwargs):
+                videos = {name: model_kwargs.pop(name) for name in handle.family.video_inputs if name in model_kwargs}
+                input_ids_out, model_kwargs = bind(model, expand_inputs)(
+                    expand_size=expand_size, is_encoder_decoder=is_encoder_decoder, input_ids=input_ids,
+                    **model_kwargs)
+                if expand_size > 1 and input_ids is not None:
+                    videos = handle.family.expand_videos(model, input_ids, videos, expand_size)
+                model_kwargs.update(videos)
+                return input_ids_out, model_kwargs
+
+            if not self.instance:
+                expand_inputs = getattr(expand_inputs, "__func__", expand_inputs)
+            self._set(target, _compat.EXPAND_HOOK, types.MethodType(expand, target) if self.instance else expand)
         self.active = True
 
     def _name(self) -> str:
@@ -198,16 +210,15 @@ class RetakeHandle:
         self._checked.add(model)
 
     def remove(self) -> None:
-        """Restore the original forward and attention implementation (idempotent)."""
+        """Restore the original forward (and generation hook) and attention implementation (idempotent)."""
         if not self.active:
             return
-        if self.instance:
-            if self._previous is None:
-                del self.target.forward
+        for owner, name, previous in reversed(self._restore):
+            if previous is _ABSENT:
+                delattr(owner, name)
             else:
-                self.target.forward = self._previous
-        else:
-            self.target.forward = self._original
+                setattr(owner, name, previous)
+        self._restore.clear()
         for model in list(self._models):
             disable_pivotkv_attention(model)
         self.active = False
@@ -243,7 +254,7 @@ def _apply(family_name: str, model, config, overrides) -> RetakeHandle:
     family = FAMILIES[family_name]
     config = _config(config, overrides)
     if model is None:
-        handle = RetakeHandle(family, config, family.model_classes()[0], instance=False)
+        handle = RetakeHandle(family, config, family.model_class(), instance=False)
     else:
         model_type = getattr(model.config, "model_type", None)
         if model_type not in family.model_types:

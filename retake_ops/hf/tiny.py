@@ -25,12 +25,13 @@ def tiny_qwen2_vl(attn_implementation: str = "sdpa", layers: int = 4, hidden: in
     temporal groups of 2 frames, fp32, eval mode."""
     from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
 
-    half = hidden // 8 // 2  # rotary frequencies per head: split 1/4 temporal, 3/8 height, 3/8 width as Qwen2-VL
+    half = hidden // 8 // 2  # rotary frequencies per head: about 1/4 temporal, 3/8 height, 3/8 width as Qwen2-VL
+    sections = [half // 4, (half - half // 4) // 2, half - half // 4 - (half - half // 4) // 2]
     text = dict(hidden_size=hidden, intermediate_size=4 * hidden, num_hidden_layers=layers, num_attention_heads=8,
                 num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=32768, pad_token_id=PAD,
                 bos_token_id=1, eos_token_id=2,
                 rope_parameters={"rope_type": "default", "rope_theta": 1e6,
-                                 "mrope_section": [half // 4, 3 * half // 8, 3 * half // 8]})
+                                 "mrope_section": sections})
     vision = dict(depth=2, embed_dim=128, num_heads=4, hidden_size=hidden, mlp_ratio=2, patch_size=14,
                   spatial_merge_size=2, temporal_patch_size=2)
     config = Qwen2VLConfig(text_config=text, vision_config=vision, image_token_id=VOCAB - 4,

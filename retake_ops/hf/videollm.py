@@ -234,7 +234,7 @@ def _gather_cols(x: torch.Tensor, cols: torch.Tensor, dim: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def retake_prefill(model, family, config, kwargs: dict, forward, cache: PivotKVCache | None):
+def retake_prefill(model, family, config, kwargs: dict, forward):
     """Run the ReTaKe prefill for one forward call of a VideoLLM; returns (model output, report)."""
     started = time.perf_counter()
     family.check_inputs(model, kwargs)
@@ -261,9 +261,8 @@ def retake_prefill(model, family, config, kwargs: dict, forward, cache: PivotKVC
     n_video = (world.kind == FRAME_TOKEN).sum(1).tolist()
     ratios = [config.kv_ratio(n) for n in n_video]
     reforge_1d = config.reforge_positions and not _compat.is_mrope(model)
-    if cache is None:
-        cache = PivotKVCache(keep_ratio=min(ratios) if ratios else 1.0, force_pivots=config.force_pivots,
-                             reforge_positions=config.reforge_positions, pivot_overflow=config.pivot_overflow)
+    cache = PivotKVCache(keep_ratio=min(ratios) if ratios else 1.0, force_pivots=config.force_pivots,
+                         reforge_positions=config.reforge_positions, pivot_overflow=config.pivot_overflow)
     top = host_pos.amax(0) if host_pos.dim() == 3 else host_pos
     aligned_top = torch.where(amap >= 0, top.gather(1, amap.clamp(min=0)), torch.iinfo(top.dtype).min)
     reach = aligned_top.cummax(1).values  # per aligned column: the largest position fed so far

@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .. import _compat
+
 
 @dataclass
 class Frame:
@@ -48,8 +50,12 @@ class VideoFamily:
     video_token_attr = "video_token_id"
     supports_per_patch = True
 
-    def model_classes(self) -> list[type]:
-        """The classes whose forward a class-level patch replaces."""
+    # Inputs that describe the videos, which the family expands itself for beams and several
+    # returned sequences (see expand_videos); empty when generate()'s own row-wise repeat is right.
+    video_inputs: tuple[str, ...] = ()
+
+    def model_class(self) -> type:
+        """The class whose forward a class-level patch replaces."""
         raise NotImplementedError
 
     def video_token_id(self, model) -> int:
@@ -63,7 +69,12 @@ class VideoFamily:
         return kwargs.get("pixel_values_videos") is not None
 
     def check_inputs(self, model, kwargs: dict) -> None:
-        """ValueError for inputs the pipeline does not take (images beside videos, training labels)."""
+        """ValueError for inputs the pipeline does not take (images beside videos, training labels)
+        or lacks (the processor's input_ids)."""
+        if kwargs.get("input_ids") is None:
+            given = "inputs_embeds" if kwargs.get("inputs_embeds") is not None else "no input_ids"
+            raise ValueError(f"apply_retake: the ReTaKe prefill of {type(model).__name__} needs the processor's "
+                             f"input_ids (it finds each frame's tokens there), got {given}")
         for name in ("pixel_values", "labels"):
             if kwargs.get(name) is not None:
                 what = "images next to videos" if name == "pixel_values" else "training labels"
@@ -89,13 +100,18 @@ class VideoFamily:
         given: the caller passed position_ids (generate() does: the attention mask's cumsum); without
         them the decoder counts columns from 0, padding included."""
         if given:
-            return (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 1)
+            return _compat.generate_positions(mask)
         return torch.arange(ids.shape[1], device=ids.device).expand(ids.shape[0], -1)
 
     def set_decoding_state(self, model, short_ids, short_mask, short_extra, full_mask, shift) -> None:
         """Leave the model's own decoding state (e.g. Qwen's rope_deltas) so that a later call on the full
         input's cache that lets the model derive its positions lands, after the cache's position shift
         (int64 [B]), where the unpatched model would continue on the short input."""
+
+    def expand_videos(self, model, input_ids: torch.Tensor, videos: dict, expand_size: int) -> dict:
+        """The video inputs for input rows repeated expand_size times each (beams, several returned
+        sequences): called only for the names in video_inputs."""
+        return videos
 
     def decoder_kwargs(self, model, visual: torch.Tensor, extras: list[torch.Tensor]) -> dict:
         """Extra decoder arguments for a chunk: visual (bool [B, S]) marks its video tokens,

@@ -13,10 +13,10 @@ class Qwen2_5_VLFamily(Qwen2VLFamily):
     name = "qwen2_5_vl"
     model_types = ("qwen2_5_vl",)
 
-    def model_classes(self):
+    def model_class(self):
         from transformers import Qwen2_5_VLForConditionalGeneration
 
-        return [Qwen2_5_VLForConditionalGeneration]
+        return Qwen2_5_VLForConditionalGeneration
 
     def full_inputs(self, kwargs: dict) -> dict:
         extra = super().full_inputs(kwargs)

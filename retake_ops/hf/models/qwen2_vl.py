@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from .. import _compat
 from .base import Frame, Video, VideoFamily
 
 
@@ -24,11 +25,23 @@ def token_runs(columns: torch.Tensor) -> list[tuple[int, int]]:
 class Qwen2VLFamily(VideoFamily):
     name = "qwen2_vl"
     model_types = ("qwen2_vl",)
+    video_inputs = ("pixel_values_videos", "video_grid_thw", "second_per_grid_ts")
 
-    def model_classes(self):
+    def model_class(self):
         from transformers import Qwen2VLForConditionalGeneration
 
-        return [Qwen2VLForConditionalGeneration]
+        return Qwen2VLForConditionalGeneration
+
+    def check_inputs(self, model, kwargs: dict) -> None:
+        super().check_inputs(model, kwargs)
+        grid = kwargs.get("video_grid_thw")
+        if grid is None:
+            raise ValueError(f"apply_retake: {type(model).__name__} got pixel_values_videos without video_grid_thw "
+                             "(pass the processor's outputs as they are)")
+        patches = int(grid.prod(-1).sum())
+        if kwargs["pixel_values_videos"].shape[0] != patches:
+            raise ValueError(f"apply_retake: pixel_values_videos has {kwargs['pixel_values_videos'].shape[0]} patch "
+                             f"rows but video_grid_thw {grid.tolist()} describes {patches}")
 
     def frames_per_group(self, model) -> int:
         return model.config.vision_config.temporal_patch_size
@@ -96,15 +109,41 @@ class Qwen2VLFamily(VideoFamily):
     def full_inputs(self, kwargs: dict) -> dict:
         return {"video_grid_thw": kwargs["video_grid_thw"]}
 
-    def rope_index(self, model, ids, mask, extra):
-        types = (ids == self.video_token_id(model)).int() * 2
-        return model.model.get_rope_index(ids, mm_token_type_ids=types, attention_mask=mask, **extra)
-
     def positions(self, model, ids, mask, extra, given):
-        return self.rope_index(model, ids, mask, extra)[0]
+        return _compat.rope_index(model, ids, mask, self.video_token_id(model), extra)[0]
 
     def set_decoding_state(self, model, short_ids, short_mask, short_extra, full_mask, shift) -> None:
         # The model continues at (real tokens so far) + rope_deltas; the full input has more real tokens.
-        deltas = self.rope_index(model, short_ids, short_mask, short_extra)[1]
+        deltas = _compat.rope_index(model, short_ids, short_mask, self.video_token_id(model), short_extra)[1]
         extra_tokens = (full_mask.sum(1) - short_mask.sum(1)).to(deltas.device)[:, None]
-        model.model.rope_deltas = deltas + shift.to(deltas.device)[:, None] - extra_tokens
+        _compat.set_rope_deltas(model, deltas + shift.to(deltas.device)[:, None] - extra_tokens)
+
+    def videos_per_row(self, model, input_ids: torch.Tensor, grids: torch.Tensor) -> list[int]:
+        """How many videos each input row holds, in the order the grids list them."""
+        counts, v = [], 0
+        for row in input_ids.cpu():
+            runs = token_runs(torch.nonzero(row == self.video_token_id(model)).flatten())
+            n = self.videos_in_runs(runs, grids[v:], model)
+            counts.append(n)
+            v += n
+        return counts
+
+    def expand_videos(self, model, input_ids, videos, expand_size):
+        """Each row's videos repeated as a block, as its row is: pixel rows are split per video by the
+        grid (the generic row-wise repeat would repeat each patch row)."""
+        grid = videos.get("video_grid_thw")
+        if grid is None or videos.get("pixel_values_videos") is None:
+            return videos
+        per_row = self.videos_per_row(model, input_ids, grid.cpu())
+        sizes = grid.prod(-1).tolist()
+        pixels = list(torch.split(videos["pixel_values_videos"], sizes))
+        out = {name: [] for name in videos if videos[name] is not None}
+        v = 0
+        for n in per_row:
+            for _ in range(expand_size):
+                out["pixel_values_videos"] += pixels[v:v + n]
+                out["video_grid_thw"].append(grid[v:v + n])
+                if "second_per_grid_ts" in out:
+                    out["second_per_grid_ts"].append(videos["second_per_grid_ts"][v:v + n])
+            v += n
+        return {name: torch.cat(parts) for name, parts in out.items()}

@@ -22,10 +22,10 @@ class Qwen3VLFamily(Qwen2VLFamily):
     model_types = ("qwen3_vl",)
     supports_per_patch = False
 
-    def model_classes(self):
+    def model_class(self):
         from transformers import Qwen3VLForConditionalGeneration
 
-        return [Qwen3VLForConditionalGeneration]
+        return Qwen3VLForConditionalGeneration
 
     def features(self, model, kwargs: dict):
         out = model.get_video_features(kwargs["pixel_values_videos"], kwargs["video_grid_thw"], return_dict=True)
