@@ -20,6 +20,7 @@ import torch
 from . import _compat
 from .cache import PivotKVCache
 from .evict import evict
+from .parallel import TensorParallel
 from .plan import StepPlan
 
 PREFIX = "retake_pivotkv_"
@@ -35,6 +36,8 @@ class Step:
     cache: PivotKVCache
     plan: StepPlan | None = None  # None: not a planned prefill forward (decoding, plain calls)
     rope: torch.Tensor | None = None  # re-forging: RoPE positions [B, q, P] of the forward's tokens
+    tp: TensorParallel | None = None  # the group over which the attention heads are sharded
+    heads: int | None = None  # the model's query heads, checked against every rank's when several processes run
 
 
 def _make_attention(name: str):
