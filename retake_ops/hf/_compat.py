@@ -125,11 +125,13 @@ def rope_functions(rotary):
 
 
 def rope_cos_sin(rotary, positions: torch.Tensor, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """fp32 cos, sin [B, L, rot_dim] of a decoder's rotary embedding at int64 positions: [B, L]
-    (1-D RoPE) or [3, B, L] (multimodal RoPE, whose rotary module merges the sections itself)."""
+    """fp32 cos, sin [B, L, rot_dim] on `device` of a decoder's rotary embedding at int64 positions: [B, L]
+    (1-D RoPE) or [3, B, L] (multimodal RoPE, whose rotary module merges the sections itself). Under a
+    device_map the rotary module may run on another device than the layer asking (its hook moves the
+    inputs there), so the result is brought back."""
     probe = torch.empty(0, dtype=torch.float32, device=device)
     cos, sin = rotary(probe, positions.to(device))
-    return cos.float(), sin.float()
+    return cos.to(device, torch.float32), sin.to(device, torch.float32)
 
 
 def is_mrope(model) -> bool:

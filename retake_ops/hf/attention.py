@@ -52,7 +52,7 @@ def _make_attention(name: str):
                 f"PivotKV: the keys reaching the attention of layer {module.layer_idx} are not the ones its "
                 "PivotKVCache layer returned from update(); this model transforms them in between, which PivotKV "
                 "does not support")
-        plan = step.plan
+        plan = None if step.plan is None else step.plan.on(key.device)
         layer.set_new(None if plan is None else plan.valid, step.rope)
         mask = layer.attention_mask(attention_mask, query.shape[-2], kwargs.get("sliding_window"),
                                     float_mask=name == "eager", dtype=query.dtype)
