@@ -12,9 +12,10 @@ TORCH ?= torch==2.13.0
 JOBS ?= 2
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
-# The test dependencies as ranges; constraints.txt pins them and all they pull in.
-DEPS := numpy "triton>=3.6,<3.10" "transformers>=5.17,<6" pytest pytest-benchmark hypothesis matplotlib av \
-	ninja setuptools
+# The test dependencies as ranges; constraints.txt pins them and all they pull in (accelerate: transformers'
+# device_map loading, for the multi-device tests).
+DEPS := numpy "triton>=3.6,<3.10" "transformers>=5.17,<6" accelerate pytest pytest-benchmark hypothesis \
+	matplotlib av ninja setuptools
 BUILD_INPUTS := setup.py pyproject.toml retake_ops/_build.py $(shell find csrc -type f)
 
 .PHONY: venv install demo test bench wheel test-hf-min test-latest lock clean

@@ -2,9 +2,10 @@
 
 Supported: transformers MIN_VERSION and newer; tested from MIN_VERSION up to TESTED_MAX (the
 version CI pins). Between those releases transformers renamed the decoder's cache argument
-(`past_key_values` -> `cache`, and the matching output field) and started passing the
-attention kwargs to `Cache.update`; the rest of `retake_ops.hf` asks this module instead of
-assuming either spelling. Importing a transformers newer than TESTED_MAX warns once.
+(`past_key_values` -> `cache`, and the matching output field), started passing the
+attention kwargs to `Cache.update`, and moved a tensor-parallel model's device mesh (one mesh on
+the model, then a manager of several); the rest of `retake_ops.hf` asks this module instead of
+assuming either. Importing a transformers newer than TESTED_MAX warns once.
 """
 from __future__ import annotations
 
@@ -147,11 +148,13 @@ def rope_functions(rotary):
 
 
 def rope_cos_sin(rotary, positions: torch.Tensor, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """fp32 cos, sin [B, L, rot_dim] of a decoder's rotary embedding at int64 positions: [B, L]
-    (1-D RoPE) or [3, B, L] (multimodal RoPE, whose rotary module merges the sections itself)."""
+    """fp32 cos, sin [B, L, rot_dim] on `device` of a decoder's rotary embedding at int64 positions: [B, L]
+    (1-D RoPE) or [3, B, L] (multimodal RoPE, whose rotary module merges the sections itself). Under a
+    device_map the rotary module may run on another device than the layer asking (its hook moves the
+    inputs there), so the result is brought back."""
     probe = torch.empty(0, dtype=torch.float32, device=device)
     cos, sin = rotary(probe, positions.to(device))
-    return cos.float(), sin.float()
+    return cos.to(device, torch.float32), sin.to(device, torch.float32)
 
 
 def is_mrope(model) -> bool:
@@ -166,3 +169,24 @@ def mrope_rows(position_ids: torch.Tensor) -> slice:
     """The rows of a position_ids tensor that carry RoPE positions: [4, B, L] (a text row for the
     mask builder, then the three multimodal rows) -> rows 1..3; [3, B, L] and [B, L] -> all."""
     return slice(1, None) if position_ids.dim() == 3 and position_ids.shape[0] == 4 else slice(None)
+
+
+def tensor_parallel_mesh(model):
+    """The 1-D device mesh over which a model loaded with tensor parallelism
+    (`from_pretrained(..., distributed_config=DistributedConfig(tp_plan="auto"))` under torchrun) shards
+    its attention heads; None for a model that is not tensor parallel. 5.24 keeps the meshes in a
+    manager (`get_mesh("tp")`); 5.17 keeps one mesh, 1-D or with a "tp" dimension."""
+    if (getattr(model, "tp_size", None) or 1) <= 1:
+        return None
+    manager = getattr(model, "_mesh_manager", None)
+    if manager is not None:
+        return manager.get_mesh("tp")
+    mesh = model._device_mesh
+    return mesh["tp"] if mesh.ndim > 1 else mesh
+
+
+def query_heads(model) -> int | None:
+    """Query heads of the decoder's attention layers (all ranks together); None where the config
+    gives no single count."""
+    heads = getattr(decoder_config(model), "num_attention_heads", None)
+    return heads if isinstance(heads, int) else None

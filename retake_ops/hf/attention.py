@@ -20,6 +20,7 @@ import torch
 from . import _compat
 from .cache import PivotKVCache
 from .evict import evict
+from .parallel import TensorParallel
 from .plan import StepPlan
 
 PREFIX = "retake_pivotkv_"
@@ -35,6 +36,8 @@ class Step:
     cache: PivotKVCache
     plan: StepPlan | None = None  # None: not a planned prefill forward (decoding, plain calls)
     rope: torch.Tensor | None = None  # re-forging: RoPE positions [B, q, P] of the forward's tokens
+    tp: TensorParallel | None = None  # the group over which the attention heads are sharded
+    heads: int | None = None  # the model's query heads, checked against every rank's when several processes run
 
 
 def _make_attention(name: str):
@@ -49,7 +52,7 @@ def _make_attention(name: str):
                 f"PivotKV: the keys reaching the attention of layer {module.layer_idx} are not the ones its "
                 "PivotKVCache layer returned from update(); this model transforms them in between, which PivotKV "
                 "does not support")
-        plan = step.plan
+        plan = None if step.plan is None else step.plan.on(key.device)
         layer.set_new(None if plan is None else plan.valid, step.rope)
         mask = layer.attention_mask(attention_mask, query.shape[-2], kwargs.get("sliding_window"),
                                     float_mask=name == "eager", dtype=query.dtype)

@@ -310,6 +310,11 @@ class PivotKVCache(DynamicCache):
             do not move. get_seq_length(), masks and kept_positions() stay in sequence
             positions; reforged_positions() gives the RoPE positions of the held keys.
 
+    Each layer's storage lives on the device of the keys it first receives (its layer's device
+    under a device_map). With a tensor-parallel model every rank holds its own heads' keys and
+    values, and `tensor_parallel` names the process group whose ranks' scores were summed, so
+    that every rank keeps the same tokens (None in a single process).
+
     Inference only.
     """
 
@@ -328,6 +333,9 @@ class PivotKVCache(DynamicCache):
         # positions a decoder derives from the sequence length (length_shift, when it differs).
         self.position_shift: torch.Tensor | None = None
         self.length_shift: torch.Tensor | None = None
+        # retake_ops.hf.parallel.TensorParallel: the process group over which a tensor-parallel model's
+        # heads are sharded and the scores all-reduced (set by the prefill; None: one process scores all heads).
+        self.tensor_parallel = None
         self.reserved = 0  # slots a planned prefill asked every layer to allocate up front
         self.prefilling = False  # inside chunked_prefill / a ReTaKe prefill
         self.planned = False  # a planned prefill has filled this cache

@@ -6,11 +6,19 @@ call (one call for the whole batch when its rows agree); every row's kept column
 then its masked filler slots, are compacted into place by the layer (kv_gather_out).
 Re-forging, when on, re-rotates the kept keys at their compressed positions
 (retake_ops.hf.reforge) before they are stored.
+
+Under tensor parallelism (the step names the group) a rank holds some of the heads: each group
+is scored by this rank's share of the heads' masses, summed over the ranks
+(retake_ops.hf.parallel), and selected with pivot_kv_compress's own rule (select_tokens), so
+every rank keeps the same tokens. Everything runs on the layer's device, with the plan's
+tensors on that device (the plan is placed by the caller).
 """
 from __future__ import annotations
 
 import torch
 
+from ..kernels.pivot_kv_compress import select_tokens
+from .parallel import check_heads
 from .plan import Columns, StepPlan
 
 
@@ -26,27 +34,53 @@ def _at(cols: Columns, idx: torch.Tensor) -> torch.Tensor:
     return idx + cols.start if isinstance(cols, slice) else cols.gather(1, idx)
 
 
+def _rows(g, *tensors):
+    return tensors if g.rows is None else tuple(t[g.rows] for t in tensors)
+
+
+def _picks(groups, query, k_new, v_new, scale, force_pivots):
+    """Per group (group, picked candidates, their kept (keys, values)): one pivot_kv_compress call each."""
+    for g in groups:
+        q, k, v = _rows(g, query, k_new, v_new)
+        k_g, v_g, picked = torch.ops.retake.pivot_kv_compress(_take(q, g.query), _take(k, g.cand), _take(v, g.cand),
+                                                              g.pivots, g.keep, False, scale, force_pivots)
+        yield g, picked, (k_g, v_g)
+
+
+def _picks_across_ranks(groups, query, k_new, scale, force_pivots, tp):
+    """The same picks under tensor parallelism: every group's scores summed over the ranks in one
+    all_reduce, then pivot_kv_compress's selection; the layer gathers the kept rows itself."""
+    pairs = []
+    for g in groups:
+        q, k = _rows(g, query, k_new)
+        pairs.append((_take(q, g.query), _take(k, g.cand)))
+    for g, scores in zip(groups, tp.token_scores(pairs, scale)):
+        yield g, select_tokens(scores, g.pivots, g.keep, force_pivots), None
+
+
 def evict(layer, plan: StepPlan, query: torch.Tensor, scale: float | None, step) -> None:
-    """Compact the layer's latest update down to the plan; drop its probe tokens."""
+    """Compact the layer's latest update down to the plan (its tensors on the layer's device); drop
+    its probe tokens."""
     ev = plan.evict
     if ev is None:
         if plan.probe:
             layer.drop_tail(plan.probe)
         return
-    cache = step.cache
+    cache, tp = step.cache, step.tp
+    if step.heads is not None:
+        check_heads(query, step.heads, tp, layer.layer_idx)
     chunk = plan.length - plan.probe
     n_prev = layer.n_prev
     k_new = layer.keys[:, :, n_prev:n_prev + chunk]
     v_new = layer.values[:, :, n_prev:n_prev + chunk]
     kept_mask = ev.protected.clone()
     kept_rows = idx = None
-    for g in ev.groups:
-        q, k, v = (t if g.rows is None else t[g.rows] for t in (query, k_new, v_new))
-        k_g, v_g, picked = torch.ops.retake.pivot_kv_compress(_take(q, g.query), _take(k, g.cand), _take(v, g.cand),
-                                                              g.pivots, g.keep, False, scale, cache.force_pivots)
+    picks = (_picks(ev.groups, query, k_new, v_new, scale, cache.force_pivots) if tp is None
+             else _picks_across_ranks(ev.groups, query, k_new, scale, cache.force_pivots, tp))
+    for g, picked, kept in picks:
         cols = _at(g.cand, picked)
         if ev.direct:
-            kept_rows, idx = (k_g, v_g), cols
+            kept_rows, idx = kept, cols
         elif g.rows is None:
             kept_mask.scatter_(1, cols, True)
         else:

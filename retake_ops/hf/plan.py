@@ -10,16 +10,26 @@ evictable real tokens the row keeps keep_tokens(n, ratio) (ratio per row); paddi
 kept. Rows keep exactly what they would keep alone; storage stays rectangular by giving
 every row `slots` = the largest row's count, the rest filled with masked slots. Trailing
 probe tokens (question-guided scoring) add scoring queries and are never kept.
+
+A plan's tensors live on one device; a model whose layers sit on several devices (a
+device_map) gets each plan's tensors on every other layer device once, on first use
+(StepPlan.on), so that every layer scores, selects and compacts on its own device.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
 
 import torch
 
 from .. import keep_tokens
 
 Columns = slice | torch.Tensor  # a slice shared by every row of a group, or int64 [rows, n] per row
+
+
+def _moved(obj, device: torch.device):
+    """A copy of a plan dataclass with every tensor field on `device`."""
+    return replace(obj, **{f.name: getattr(obj, f.name).to(device) for f in fields(obj)
+                           if isinstance(getattr(obj, f.name), torch.Tensor)})
 
 
 @dataclass
@@ -47,6 +57,9 @@ class Eviction:
     evictable: torch.Tensor  # bool [B, C]: the evictable real tokens
     pos_drop: torch.Tensor | None = None  # 1-D re-forging: int64 [B, C] positions each token moves down
 
+    def to(self, device: torch.device) -> "Eviction":
+        return replace(_moved(self, device), groups=[_moved(g, device) for g in self.groups])
+
 
 @dataclass
 class StepPlan:
@@ -57,6 +70,20 @@ class StepPlan:
     valid: torch.Tensor | None = None  # bool [B, length]: real tokens (None: all real)
     evict: Eviction | None = None
     overflow: list[tuple[int, int, int]] = field(default_factory=list)  # (row, pivots, budget) per overflowing row
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))  # where the plan's tensors live
+    _placed: dict = field(default_factory=dict, init=False, repr=False, compare=False)
+
+    def on(self, device: torch.device) -> "StepPlan":
+        """This plan with its tensors on `device`: itself when they are there, else a copy made on
+        first use and kept for the other layers on that device."""
+        if device == self.device:
+            return self
+        placed = self._placed.get(device)
+        if placed is None:
+            placed = self._placed[device] = StepPlan(
+                self.length, self.probe, None if self.valid is None else self.valid.to(device),
+                None if self.evict is None else self.evict.to(device), self.overflow, device)
+        return placed
 
 
 def _columns(mask: torch.Tensor) -> Columns:
@@ -95,7 +122,9 @@ def plan_step(valid: torch.Tensor, evictable: torch.Tensor, pivots: torch.Tensor
                     keep[b] = n_piv[b]
     all_valid = bool(valid.all()) and (probe_valid is None or bool(probe_valid.all()))
     full_valid = None if all_valid else (valid if probe_valid is None else torch.cat([valid, probe_valid], 1))
-    plan = StepPlan(length + probe, probe, None if full_valid is None else full_valid.to(device), overflow=events)
+    device = torch.device("cpu") if device is None else torch.device(device)
+    plan = StepPlan(length + probe, probe, None if full_valid is None else full_valid.to(device), overflow=events,
+                    device=device)
     slots = max(p + k for p, k in zip(n_prot, keep))
     if all(k == n for k, n in zip(keep, n_cand)) and slots == length:
         return plan  # nothing evicted: every column stays where it is

@@ -10,6 +10,7 @@ from tqdm.auto import tqdm
 from . import _compat
 from .attention import STEP_KWARG, Step, enable_pivotkv_attention
 from .cache import PivotKVCache
+from .parallel import expected_heads, logger, tensor_parallel
 from .plan import StepPlan, overflow_message, plan_step
 from .reforge import model_rope
 
@@ -20,7 +21,9 @@ def run_planned(model, cache: PivotKVCache, plans: list[StepPlan], step_inputs, 
     runs it. Switches the model's attention to PivotKV (it stays switched), reserves the cache's
     storage for the whole prefill, warns (or raises, with pivot_overflow="raise") about pivots
     that outnumber a budget, and checks that every layer went through the PivotKV attention.
-    names[i] names forward i in messages (default "chunk i"). Returns the last forward's output."""
+    A tensor-parallel model's process group is found here, once, and passed to every eviction
+    (cache.tensor_parallel names it). names[i] names forward i in messages (default "chunk i").
+    Returns the last forward's output."""
     names = names or [f"chunk {i}" for i in range(len(plans))]
     events = [(names[i], *e) for i, plan in enumerate(plans) for e in plan.overflow]
     if events:
@@ -32,6 +35,11 @@ def run_planned(model, cache: PivotKVCache, plans: list[StepPlan], step_inputs, 
                              "pivot_overflow='raise'")
         warnings.warn(message, UserWarning, stacklevel=2)
     enable_pivotkv_attention(model)
+    tp = tensor_parallel(model)
+    if tp is not None and cache.tensor_parallel is None:
+        logger.info("PivotKV: tensor parallel model; each layer's token scores are all-reduced over %s", tp)
+    cache.tensor_parallel = tp
+    heads = expected_heads(model, tp)
     if cache.reforge_positions and cache.rope is None:
         cache.rope = model_rope(model)
     cache.reserve(_capacity(cache, plans))
@@ -40,7 +48,7 @@ def run_planned(model, cache: PivotKVCache, plans: list[StepPlan], step_inputs, 
     try:
         for i, plan in enumerate(tqdm(plans, desc=desc, unit="chunk", disable=not progress)):
             kwargs = step_inputs(i)
-            kwargs[STEP_KWARG] = Step(cache, plan)
+            kwargs[STEP_KWARG] = Step(cache, plan, tp=tp, heads=heads)
             out = call(i, kwargs)
             _check_layers_reached(model, cache, i)
             ev = plan.evict

@@ -26,6 +26,7 @@ import torch
 from .. import dpselect, target_frames
 from . import _compat
 from .cache import PivotKVCache
+from .parallel import TensorParallel
 from .plan import plan_step
 from .prefill import run_planned
 
@@ -55,6 +56,7 @@ class RetakeReport:
     videos: list[VideoReport]
     positions: list[torch.Tensor]  # per layer, int64 [B, L_held] on the CPU: input_ids column of each held token
     prefill_seconds: float
+    tensor_parallel: TensorParallel | None = None  # the group the scores were all-reduced over; None: one process
 
     def held_tokens(self) -> list[torch.Tensor]:
         """Per layer, int64 [B]: real tokens held (text and kept video tokens)."""
@@ -348,4 +350,4 @@ def retake_prefill(model, family, config, kwargs: dict, forward):
             tokens=len(video.frames) * video.tokens_per_frame, kept_tokens=idx.numel() if config.per_patch
             else idx.numel() * video.tokens_per_frame, kv_keep_ratio=ratios[row]))
     held = [layer.positions.cpu() for layer in cache.layers]
-    return out, RetakeReport(reports, held, time.perf_counter() - started)
+    return out, RetakeReport(reports, held, time.perf_counter() - started, cache.tensor_parallel)

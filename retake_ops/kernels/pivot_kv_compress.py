@@ -13,10 +13,16 @@ from torch import Tensor
 from ..checks import PIVOT_MAX_KEYS
 
 
+def head_score_sum(q: Tensor, k: Tensor, scale: float | None = None, causal: bool = False) -> Tensor:
+    """fp32 [B, Lk]: each key's attention mass summed over every query head of q (attn_scores
+    sums the queries of each kv head's group; this sums the kv heads). A tensor-parallel rank
+    holding some of the heads gets its share of the sum (retake_ops.hf.parallel adds them up)."""
+    return torch.ops.retake.attn_scores(q, k, scale, causal).sum(dim=1)
+
+
 def token_scores(q: Tensor, k: Tensor, scale: float | None = None, causal: bool = False) -> Tensor:
-    """fp32 [B, Lk]: mean over all Hq query heads of each head's attention mass on every key
-    (attn_scores sums the queries of each kv head's group, so the mean divides by Hq)."""
-    return torch.ops.retake.attn_scores(q, k, scale, causal).sum(dim=1).div_(q.shape[1])
+    """fp32 [B, Lk]: mean over all Hq query heads of each head's attention mass on every key."""
+    return head_score_sum(q, k, scale, causal).div_(q.shape[1])
 
 
 def select_tokens(scores: Tensor, pivot_mask: Tensor | None, keep: int, force_pivots: bool = True) -> Tensor:

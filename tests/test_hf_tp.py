@@ -1,0 +1,152 @@
+"""PivotKV and ReTaKe under tensor parallelism: two gloo processes against one process.
+
+The tiny Llama and the tiny Qwen2-VL-shaped model (4 query / 2 kv heads, fp32) are saved with
+save_pretrained; `torch.distributed.run --nproc_per_node 2` (loopback, CPU, gloo) starts
+tests/tp_worker.py, whose ranks load them with `DistributedConfig(tp_plan="auto")` (2 query
+heads and 1 kv head per rank) and run the same cases as this process does without tensor
+parallelism: greedy generate() with and without PivotKV (chunked_prefill, Llama) and ReTaKe
+(apply_retake, Qwen2-VL, a left-padded batch of two videos). Each rank's greedy tokens must be
+the single process's and its logits within 1e-5; the tokens each layer keeps must be the same
+on both ranks and the same as in one process. The workers then prefill once more with the
+score all-reduce taken away, and the ranks must keep different tokens: the comparison can fail.
+"""
+import os
+import pathlib
+import signal
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from retake_ops.hf import PivotKVCache, chunked_prefill
+from retake_ops.hf import parallel
+from tp_worker import LLAMA, load_models, run_cases, save_models
+
+pytestmark = pytest.mark.filterwarnings("error::FutureWarning", "error::DeprecationWarning")
+
+TOL = 1e-5
+TIMEOUT = 240  # seconds for the two workers, loading included (about 20 on two shared cores)
+WORKER = pathlib.Path(__file__).with_name("tp_worker.py")
+CASES = ["llama", "llama_pivotkv", "qwen2_vl", "qwen2_vl_retake"]
+COMPRESSED = ["llama_pivotkv", "qwen2_vl_retake"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(models, out) -> str:
+    """Run the two workers; their output. Fails on a non-zero exit or after TIMEOUT seconds, and
+    never leaves a worker behind (the launcher and its ranks share one process group)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
+           "--master_addr", "127.0.0.1", "--master_port", str(free_port()), str(WORKER), str(models), str(out)]
+    # CPU ranks on loopback, also on a machine with GPUs (transformers would bind each rank to one).
+    env = dict(os.environ, GLOO_SOCKET_IFNAME="lo", CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                            start_new_session=True)
+    try:
+        output, _ = proc.communicate(timeout=TIMEOUT)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        output, _ = proc.communicate()
+        pytest.fail(f"the tensor-parallel workers did not finish in {TIMEOUT} s:\n{output[-6000:]}")
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    if proc.returncode:
+        pytest.fail(f"the tensor-parallel workers exited with {proc.returncode}:\n{output[-6000:]}")
+    return output
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """(single-process results, per-rank results, the workers' output)."""
+    models, out = tmp_path_factory.mktemp("tp_models"), tmp_path_factory.mktemp("tp_out")
+    save_models(models)
+    output = launch(models, out)
+    ranks = [torch.load(out / f"rank{r}.pt") for r in range(2)]
+    single = run_cases(*load_models(models))
+    return single, ranks, output
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_tensor_parallel_generate_equals_one_process(runs, case):
+    single, ranks, _ = runs
+    want = single[case]
+    for rank, got in enumerate(ranks):
+        assert torch.equal(got[case]["tokens"], want["tokens"]), (rank, got[case]["tokens"], want["tokens"])
+        torch.testing.assert_close(got[case]["logits"], want["logits"], rtol=0, atol=TOL)
+        if "prefill_logits" in want:
+            torch.testing.assert_close(got[case]["prefill_logits"], want["prefill_logits"], rtol=0, atol=TOL)
+
+
+@pytest.mark.parametrize("case", COMPRESSED)
+def test_every_rank_keeps_the_tokens_one_process_keeps(runs, case):
+    single, ranks, _ = runs
+    want = single[case]["kept"]
+    for layer in want:
+        held = (layer >= 0).sum(1)
+        seen = single[case]["seen"]  # tokens the decoder was fed (after DPSelect)
+        assert torch.all(held < seen), f"{case}: a row evicted nothing ({held.tolist()} held of {seen.tolist()})"
+    for rank, got in enumerate(ranks):
+        assert len(got[case]["kept"]) == len(want) == 2
+        for layer, (g, w) in enumerate(zip(got[case]["kept"], want)):
+            assert torch.equal(g, w), (case, rank, layer, g, w)
+
+
+def test_every_rank_sees_the_same_video_features_and_frames(runs):
+    """The vision tower is replicated: its features, so DPSelect's frames and keyframes, agree."""
+    single, ranks, _ = runs
+    want = single["qwen2_vl_retake"]
+    assert torch.equal(ranks[0]["qwen2_vl_retake"]["features"], ranks[1]["qwen2_vl_retake"]["features"])
+    for got in ranks:
+        torch.testing.assert_close(got["qwen2_vl_retake"]["features"], want["features"], rtol=0, atol=TOL)
+        for key in ("frames", "keyframes"):
+            assert all(torch.equal(g, w) for g, w in zip(got["qwen2_vl_retake"][key], want[key]))
+    assert [len(f) for f in want["frames"]] == [6, 4]  # frame_keep_ratio 0.75 of 8 and 5 frames
+
+
+def test_the_process_group_is_the_models_and_is_named(runs):
+    single, ranks, output = runs
+    for got in ranks:
+        assert got["tp_size"] == (2, 2)
+        for case in COMPRESSED:
+            assert got[case]["group"].startswith("the tensor-parallel process group of the model's device mesh")
+            assert "2 ranks [0, 1], backend gloo, 2 of 4 query heads per rank" in got[case]["group"]
+    assert all(single[case]["group"] == "None" for case in COMPRESSED)
+    assert "each layer's token scores are all-reduced over the tensor-parallel process group" in output
+
+
+def test_without_the_all_reduce_the_ranks_keep_different_tokens(runs):
+    """Each rank scoring its own heads alone: the ranks' caches disagree, and the comparison above fails."""
+    _, ranks, _ = runs
+    for case in COMPRESSED:
+        first, second = (r["forgotten"][case] for r in ranks)
+        assert any(not torch.equal(a, b) for a, b in zip(first, second)), case
+
+
+def test_sharded_heads_without_a_group_raise():
+    """A rank whose attention holds fewer heads than the model, with no group to sum over, would score
+    its heads alone: refused, naming the counts."""
+    query = torch.zeros(1, 2, 3, 16)
+    with pytest.raises(RuntimeError, match="layer 1's attention has 2 query heads on this rank, expected 4 "
+                                           r"\(4 heads over 1 rank\(s\); no tensor-parallel group found"):
+        parallel.check_heads(query, 4, None, 1)
+    parallel.check_heads(torch.zeros(1, 4, 3, 16), 4, None, 1)
+
+
+def test_one_process_finds_no_group_and_scores_as_before():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(**LLAMA)).eval()
+    assert parallel.tensor_parallel(model) is None and parallel.expected_heads(model, None) is None
+    cache = PivotKVCache(keep_ratio=0.5)
+    with torch.no_grad():
+        chunked_prefill(model, torch.randint(3, 120, (1, 40)), cache=cache, chunk_size=16)
+    assert cache.tensor_parallel is None

@@ -1,0 +1,147 @@
+"""One rank of the tensor-parallel runs of tests/test_hf_tp.py, and the cases both sides run.
+
+    python -m torch.distributed.run --nproc_per_node 2 --master_addr 127.0.0.1 --master_port PORT \
+        tests/tp_worker.py MODELS_DIR OUT_DIR
+
+Every rank loads the tiny models saved in MODELS_DIR with tensor parallelism (gloo, CPU, fp32),
+runs `run_cases` and saves what it saw to OUT_DIR/rank{r}.pt; the test runs the same cases in a
+single process and compares. Then every rank runs the PivotKV prefills once more with the
+score all-reduce taken away (`forgotten_all_reduce`): the ranks must then keep different tokens,
+which shows that the comparison can fail.
+"""
+import logging
+import os
+import sys
+import warnings
+
+import torch
+
+STEPS = 5
+LLAMA = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+             vocab_size=128, max_position_embeddings=1024, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+LLAMA_IMPL, QWEN_IMPL = "eager", "sdpa"
+PREFILL, CHUNK, RATIO = 96, 16, 0.25
+QWEN_FRAMES = [8, 5]  # a left-padded batch of two videos of different lengths
+RETAKE = dict(frame_keep_ratio=0.75, kv_keep_ratio=0.25, chunk_frames=4, window=5)
+
+
+def save_models(path):
+    """The tiny Llama and Qwen2-VL-shaped model, saved with save_pretrained under path/llama, path/qwen2_vl."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from videollm_tiny import build
+
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(**LLAMA)).save_pretrained(os.path.join(path, "llama"))
+    build("qwen2_vl").save_pretrained(os.path.join(path, "qwen2_vl"))
+
+
+def load_models(path, **kwargs):
+    """Both models from path; kwargs go to from_pretrained (the distributed config for a rank)."""
+    from transformers import AutoModelForCausalLM, Qwen2VLForConditionalGeneration
+
+    llama = AutoModelForCausalLM.from_pretrained(os.path.join(path, "llama"), attn_implementation=LLAMA_IMPL,
+                                                 dtype=torch.float32, **kwargs).eval()
+    qwen = Qwen2VLForConditionalGeneration.from_pretrained(os.path.join(path, "qwen2_vl"),
+                                                           attn_implementation=QWEN_IMPL, dtype=torch.float32,
+                                                           **kwargs).eval()
+    for model in (llama, qwen):
+        model.generation_config.eos_token_id = None  # fixed-length greedy runs
+        model.generation_config.pad_token_id = 0
+    return llama, qwen
+
+
+def llama_inputs():
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(3, 120, (1, PREFILL + 1), generator=g)
+    pivots = torch.rand(1, PREFILL, generator=g) < 0.1
+    return ids, pivots
+
+
+def qwen_inputs():
+    from videollm_tiny import make_inputs, make_videos
+
+    videos = make_videos("qwen2_vl", QWEN_FRAMES, seed=3)
+    return make_inputs("qwen2_vl", videos, [[5, 6, 7], [5, 6, 7, 8, 9]], [[20, 21, 22, 23], [24, 25, 26]])
+
+
+def greedy(model, **inputs):
+    out = model.generate(**inputs, max_new_tokens=STEPS, do_sample=False, output_logits=True,
+                         return_dict_in_generate=True)
+    return {"tokens": out.sequences[:, -STEPS:], "logits": torch.stack(out.logits, 1)}
+
+
+def llama_pivotkv(model):
+    """chunked_prefill of all but the last prompt token, the layers' kept positions, then generate()."""
+    from retake_ops.hf import PivotKVCache, cache_arg, chunked_prefill, disable_pivotkv_attention
+
+    ids, pivots = llama_inputs()
+    cache = PivotKVCache(keep_ratio=RATIO)
+    last = chunked_prefill(model, ids[:, :PREFILL], cache=cache, chunk_size=CHUNK, pivot_mask=pivots)
+    kept = [cache.kept_positions(layer).clone() for layer in range(len(cache.layers))]
+    out = dict(greedy(model, input_ids=ids, **cache_arg(model, cache)), prefill_logits=last, kept=kept,
+               group=str(cache.tensor_parallel), seen=torch.full((1,), PREFILL))
+    disable_pivotkv_attention(model)
+    return out
+
+
+def qwen_retake(model):
+    """apply_retake + generate(): the vision features, DPSelect's picks, the layers' kept columns."""
+    from retake_ops.hf import apply_retake
+
+    inputs = qwen_inputs()
+    features = model.get_video_features(inputs["pixel_values_videos"], inputs["video_grid_thw"], return_dict=True)
+    with apply_retake(model, **RETAKE) as handle:
+        out = greedy(model, **inputs)
+    report = handle.report
+    return dict(out, features=torch.cat(list(features.pooler_output)), kept=[p.clone() for p in report.positions],
+                frames=[v.kept_frames for v in report.videos], keyframes=[v.keyframes for v in report.videos],
+                group=str(report.tensor_parallel),
+                seen=inputs["attention_mask"].sum(1) - torch.tensor([v.tokens - v.kept_tokens for v in report.videos]))
+
+
+def run_cases(llama, qwen):
+    """Every case, with and without PivotKV / ReTaKe; transformers' deprecations are errors."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        warnings.simplefilter("error", DeprecationWarning)
+        warnings.filterwarnings("ignore", "PivotKV. pivot tokens outnumber")
+        with torch.no_grad():
+            ids, _ = llama_inputs()
+            return {"llama": greedy(llama, input_ids=ids), "llama_pivotkv": llama_pivotkv(llama),
+                    "qwen2_vl": greedy(qwen, **qwen_inputs()), "qwen2_vl_retake": qwen_retake(qwen)}
+
+
+def forgotten_all_reduce(llama, qwen):
+    """The PivotKV prefills' kept positions with every rank scoring its own heads alone."""
+    from retake_ops.hf import parallel
+
+    reduce = parallel.all_reduce
+    parallel.all_reduce = lambda *args, **kwargs: None
+    try:
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.filterwarnings("ignore", "PivotKV. pivot tokens outnumber")
+            return {"llama_pivotkv": llama_pivotkv(llama)["kept"], "qwen2_vl_retake": qwen_retake(qwen)["kept"]}
+    finally:
+        parallel.all_reduce = reduce
+
+
+def main(models, out):
+    import torch.distributed as dist
+    from transformers.distributed import DistributedConfig
+
+    dist.init_process_group("gloo")
+    logging.basicConfig(level=logging.WARNING, format="rank %(process)d %(name)s %(message)s")
+    logging.getLogger("retake_ops.hf").setLevel(logging.INFO)
+    rank = dist.get_rank()
+    llama, qwen = load_models(models, distributed_config=DistributedConfig(tp_plan="auto"))
+    results = run_cases(llama, qwen)
+    results["tp_size"] = (llama.tp_size, qwen.tp_size)
+    results["forgotten"] = forgotten_all_reduce(llama, qwen)
+    torch.save(results, os.path.join(out, f"rank{rank}.pt"))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:3])
