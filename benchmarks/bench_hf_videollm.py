@@ -1,8 +1,8 @@
 """Prefill of a Qwen2-VL-shaped model on a video, with and without ReTaKe, vs the number of frames.
 
-Model: retake_ops.hf.tiny.tiny_qwen2_vl (random weights, 4 layers, hidden 256, 8 query / 2 KV
+Model: retake_ops.hf.tiny.tiny_qwen2_vl (random weights, 8 layers, hidden 512, 8 query / 2 KV
 heads, a 2-block vision tower, 14-pixel patches, 2 x 2 merging, 2-frame temporal groups), fp32,
-sdpa, CPU-sized. Video: the demo's synthetic shots at 112 x 112 (16 tokens per temporal group).
+sdpa, CPU-sized, with the language model most of the cost as in a real VideoLLM. Video: the demo's synthetic shots at 112 x 112 (16 tokens per temporal group).
 Variants:
   plain    the unpatched model, one forward over the whole prompt (logits of the last token)
   retake   apply_retake(frame_keep_ratio=0.5, kv_keep_ratio=0.25, chunk_frames=32): DPSelect, then
@@ -33,7 +33,7 @@ def build():
     from retake_ops.demo import synthetic_video
     from retake_ops.hf.tiny import tiny_qwen2_vl
 
-    model = tiny_qwen2_vl()
+    model = tiny_qwen2_vl(layers=8, hidden=512)
     videos = {n: synthetic_video(n, max(1, n // 24), seed=0)[0] for n in FRAMES}
     return model, videos
 
@@ -131,7 +131,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3, help="timed runs per point (the fastest counts)")
     args = ap.parse_args()
     rows = sweep(args.repeats)
-    note = (f"Qwen2-VL-shaped random model (4 layers, hidden 256), fp32 CPU, {platform.processor() or 'cpu'}, "
+    note = (f"Qwen2-VL-shaped random model (8 layers, hidden 512), fp32 CPU, {platform.processor() or 'cpu'}, "
             f"torch {torch.__version__}, {torch.get_num_threads()} threads; ReTaKe {CONFIG}")
     out = pathlib.Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
