@@ -158,8 +158,9 @@ def load_videollm(folder: str | None):
     """(model, family name, note): a local Qwen2-VL / Qwen2.5-VL checkpoint, or the tiny random one."""
     from .hf import tiny
 
-    if folder is None:
-        return tiny.tiny_qwen2_vl(), "a tiny Qwen2-VL with random weights, built from a config (no download)"
+    if folder is None:  # a language model that outweighs the vision tower, as in real VideoLLMs
+        return (tiny.tiny_qwen2_vl(layers=8, hidden=512),
+                "a tiny Qwen2-VL with random weights, built from a config (no download)")
     from transformers import AutoConfig, Qwen2_5_VLForConditionalGeneration, Qwen2VLForConditionalGeneration
 
     model_type = AutoConfig.from_pretrained(folder, local_files_only=True).model_type
