@@ -8,20 +8,19 @@ that evicted them. Tolerance 1e-4 (fp32); keep_ratio = 1 must reproduce the unco
 model exactly.
 """
 import copy
-import sys
 
 import pytest
 import torch
-from transformers import (AttentionInterface, DynamicCache, LlamaConfig, LlamaForCausalLM, MistralConfig,
+from transformers import (DynamicCache, LlamaConfig, LlamaForCausalLM, MistralConfig,
                           MistralForCausalLM, Phi3Config, Phi3ForCausalLM, Qwen2Config, Qwen2ForCausalLM,
                           Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen3Config, Qwen3ForCausalLM)
-from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.qwen2_vl.configuration_qwen2_vl import Qwen2VLTextConfig
 from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VLTextModel
 
 import retake_ops
 from retake_ops.hf import PivotKVCache, cache_arg, chunked_prefill, disable_pivotkv_attention, enable_pivotkv_attention
+
+from hf_oracle import HIDE, hiding
 
 # transformers' own deprecations must not come out of retake_ops' calls.
 pytestmark = pytest.mark.filterwarnings("error::FutureWarning", "error::DeprecationWarning")
@@ -75,34 +74,6 @@ def n_layers(model):
 # ---------------------------------------------------------------------------------------
 # The oracle: a masking attention function for the uncompressed full-sequence run.
 # ---------------------------------------------------------------------------------------
-HIDE = {}
-
-
-def _oracle_attention(base):
-    def attention(module, query, key, value, attention_mask, **kwargs):
-        hide = HIDE[module.layer_idx][:, None]  # [B, 1, N, N]: True = evicted before this query
-        n = query.shape[-2]
-        if attention_mask is None:
-            attention_mask = torch.ones(n, n, dtype=torch.bool, device=query.device).tril().expand(
-                query.shape[0], 1, n, n)
-        if attention_mask.dtype == torch.bool:
-            attention_mask = attention_mask & ~hide
-        else:
-            attention_mask = attention_mask.masked_fill(hide, torch.finfo(attention_mask.dtype).min)
-        if base == "sdpa":
-            fn = ALL_ATTENTION_FUNCTIONS["sdpa"]
-        else:
-            fn = sys.modules[type(module).__module__].eager_attention_forward
-        return fn(module, query, key, value, attention_mask, **kwargs)
-
-    return attention
-
-
-for _base in IMPLS:
-    AttentionInterface.register("pivotkv_oracle_" + _base, _oracle_attention(_base))
-    AttentionMaskInterface.register("pivotkv_oracle_" + _base, ALL_MASK_ATTENTION_FUNCTIONS[_base])
-
-
 def chunk_ends(prefill_len, chunk, device=None):
     j = torch.arange(prefill_len, device=device)
     return torch.clamp((j // chunk + 1) * chunk, max=prefill_len)
@@ -121,13 +92,8 @@ def oracle_forward(model, impl, seq, kept, prefill_len, chunk, **kwargs):
         evicted.scatter_(1, positions.masked_fill(positions < 0, n), False)  # -1: a slot without a token
         evicted = evicted[:, :n]
         HIDE[layer] = evicted[:, None, :] & (queries[None, :, None] >= ends[None, None, :])
-    config = model.config.get_text_config(decoder=True)
-    previous = config._attn_implementation
-    config._attn_implementation = "pivotkv_oracle_" + impl
-    try:
+    with hiding(model, impl):
         out = model(**kwargs) if "inputs_embeds" in kwargs else model(seq, **kwargs)
-    finally:
-        config._attn_implementation = previous
     return out.logits if hasattr(out, "logits") else out.last_hidden_state
 
 

@@ -12,11 +12,10 @@ import sys
 
 import pytest
 import torch
-from transformers import (AttentionInterface, DynamicCache, LlamaConfig, LlamaForCausalLM, MistralConfig,
+from transformers import (DynamicCache, LlamaConfig, LlamaForCausalLM, MistralConfig,
                           MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM)
-from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
+from hf_oracle import HIDE, hiding
 from retake_ops.hf import PivotKVCache, cache_arg, chunked_prefill
 from retake_ops.hf.reforge import model_rope
 from test_hf_pivotkv import _no_grad  # noqa: F401  (autouse fixture: every test runs without grad)
@@ -86,32 +85,6 @@ def reforged_positions(valid, compress, prefill_len, chunk, ratio):
 # ---------------------------------------------------------------------------------------
 # The oracle: DynamicCache chunks at explicit positions, keys moved by the test, evicted keys hidden.
 # ---------------------------------------------------------------------------------------
-HIDE = {}
-
-
-def _oracle_attention(base):
-    def attention(module, query, key, value, attention_mask, **kwargs):
-        q_len, k_len = query.shape[-2], key.shape[-2]
-        offset = k_len - q_len
-        hide = HIDE[module.layer_idx][:, None, offset:offset + q_len, :k_len]
-        if attention_mask is None:
-            attention_mask = torch.ones(q_len, k_len, dtype=torch.bool).tril(offset).expand(query.shape[0], 1, -1, -1)
-        if attention_mask.dtype == torch.bool:
-            attention_mask = attention_mask & ~hide
-        else:
-            attention_mask = attention_mask.masked_fill(hide, torch.finfo(attention_mask.dtype).min)
-        fn = ALL_ATTENTION_FUNCTIONS["sdpa"] if base == "sdpa" else \
-            sys.modules[type(module).__module__].eager_attention_forward
-        return fn(module, query, key, value, attention_mask, **kwargs)
-
-    return attention
-
-
-for _base in IMPLS:
-    AttentionInterface.register("reforge_oracle_" + _base, _oracle_attention(_base))
-    AttentionMaskInterface.register("reforge_oracle_" + _base, ALL_MASK_ATTENTION_FUNCTIONS[_base])
-
-
 def move_keys(model, keys, by):
     """keys [B, H, L, D] rotated one step further by `by` [B, L] positions, with the model's own RoPE."""
     rotary = model.model.rotary_emb
@@ -151,13 +124,9 @@ class Oracle:
                     layer.keys[:, :, s:e] = move_keys(model, layer.keys[:, :, s:e], by)
 
     def forward(self, s, e):
-        config = self.model.config
-        previous, config._attn_implementation = config._attn_implementation, "reforge_oracle_" + self.impl
-        try:
+        with hiding(self.model, self.impl):
             out = self.model(self.ids[:, s:e], **cache_arg(self.model, self.cache), position_ids=self.run[:, s:e],
                              attention_mask=self.valid[:, :e].long())
-        finally:
-            config._attn_implementation = previous
         self.logits.append(out.logits)
         return out.logits
 

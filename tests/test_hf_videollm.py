@@ -14,13 +14,12 @@ import sys
 
 import pytest
 import torch
-from transformers import AttentionInterface, LlamaConfig, LlamaForCausalLM
-from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers import LlamaConfig, LlamaForCausalLM
 
 import retake_ops
 from retake_ops.hf import (MODEL_TYPE_TO_APPLY_FN, PivotKVCache, RetakeConfig, apply_retake, apply_retake_to_qwen2_vl,
                            apply_retake_to_llava_onevision, cache_arg)
+from hf_oracle import HIDE, hiding
 from videollm_tiny import (BUILDERS, QWEN, TEXT, VIDEO, build, frame_columns, make_inputs, make_videos,
                            tokens_per_frame)
 
@@ -69,32 +68,6 @@ def kept_frames(report, batch):
 # ---------------------------------------------------------------------------------------
 # The masked oracle (c).
 # ---------------------------------------------------------------------------------------
-HIDE = {}
-
-
-def _oracle_attention(base):
-    def attention(module, query, key, value, attention_mask, **kwargs):
-        q_len, k_len = query.shape[-2], key.shape[-2]
-        hide = HIDE[module.layer_idx][:, None, k_len - q_len:k_len, :k_len].to(query.device)
-        if attention_mask is None:
-            attention_mask = torch.ones(q_len, k_len, dtype=torch.bool, device=query.device).tril(
-                k_len - q_len).expand(query.shape[0], 1, -1, -1)
-        if attention_mask.dtype == torch.bool:
-            attention_mask = attention_mask & ~hide
-        else:
-            attention_mask = attention_mask.masked_fill(hide, torch.finfo(attention_mask.dtype).min)
-        fn = ALL_ATTENTION_FUNCTIONS["sdpa"] if base == "sdpa" else \
-            sys.modules[type(module).__module__].eager_attention_forward
-        return fn(module, query, key, value, attention_mask, **kwargs)
-
-    return attention
-
-
-for _base in IMPLS:
-    AttentionInterface.register("videollm_oracle_" + _base, _oracle_attention(_base))
-    AttentionMaskInterface.register("videollm_oracle_" + _base, ALL_MASK_ATTENTION_FUNCTIONS[_base])
-
-
 def short_map(family, full, short, keep):
     """Per row, int64 [L_full]: the column of each full-input column in the kept-frames input (-1: dropped),
     and int64 [L_short] the kept frame slot of each short column's frame (-1: not a frame's)."""
@@ -139,13 +112,8 @@ def oracle_run(model, impl, family, full, short, keep, report, chunk_groups):
                 if video[c] and slots[b][c] >= 0 and c not in kept_short:
                     hide[b, queries > ends[int(chunk[c])], c] = True
         HIDE[layer] = hide
-    text = model.config.get_text_config(decoder=True)
-    previous = text._attn_implementation
-    text._attn_implementation = "videollm_oracle_" + impl
-    try:
+    with hiding(model, impl):
         return generate(model, short)
-    finally:
-        text._attn_implementation = previous
 
 
 # ---------------------------------------------------------------------------------------
@@ -560,10 +528,8 @@ def test_mrope_reforging_equals_an_oracle_that_rotates_the_kept_keys(impl):
     for layer in range(len(kept)):
         evicted = torch.tensor([int(c) in set(video.tolist()) - kept[layer] for c in range(n + 1)])
         HIDE[layer] = (evicted[None, :] & (queries[:, None] > ends[None, :]))[None]
-    text = model.config.get_text_config(decoder=True)
-    previous, text._attn_implementation = text._attn_implementation, "videollm_oracle_" + impl
     oracle = DynamicCache()
-    try:
+    with hiding(model, impl):
         for s, e in bounds:
             want = model(inputs_embeds=embeds[:, s:e], position_ids=positions[..., s:e],
                          **cache_arg(model, oracle)).logits[:, -1]
@@ -581,8 +547,6 @@ def test_mrope_reforging_equals_an_oracle_that_rotates_the_kept_keys(impl):
                 keys[:, :, cols] = modeling.apply_rotary_pos_emb(keys[:, :, cols], keys[:, :, cols], cos, sin)[1]
         model.model.rope_deltas = deltas
         want_step = model(input_ids=nxt, **cache_arg(model, oracle)).logits[:, -1]
-    finally:
-        text._attn_implementation = previous
     torch.testing.assert_close(out.logits[:, -1], want, rtol=0, atol=1e-4)
     torch.testing.assert_close(step, want_step, rtol=0, atol=1e-4)
     held = cache.kept_positions(0)[0]
