@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 
 import retake_ops
 from retake_ops import ref
+from retake_ops._measure import peak_bytes
 from retake_ops.kernels import attn_scores as attn_kernel
 
 RTOL, ATOL = 1e-4, 1e-5
@@ -99,22 +100,6 @@ def test_cpu_many_short_pairs_are_batched(B, Hq, Hkv, L, D, budget, pairs, causa
     torch.testing.assert_close(out, expected(q, k, None, causal), rtol=RTOL, atol=ATOL)
 
 
-def peak_allocated_bytes(fn):
-    """Peak of the bytes torch allocates during fn() above what was allocated before, from
-    the profiler's allocation records (every allocation and free, in order)."""
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU],
-                                profile_memory=True) as prof:
-        fn()
-    records = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
-                     key=lambda e: e.start_ns())
-    assert records, "the profiler recorded no allocation"
-    live = peak = 0
-    for e in records:
-        live += e.nbytes()
-        peak = max(peak, live)
-    return peak
-
-
 @pytest.mark.parametrize("shape,budget,one_key_block", [
     ((1, 8, 2, 1024, 1024, 64), 1 << 20, False),
     ((1, 8, 2, 1024, 1024, 64), 4 << 20, True),
@@ -129,16 +114,14 @@ def test_cpu_scratch_is_bounded(shape, budget, one_key_block, causal):
     B, Hq, Hkv, Lq, Lk, D = shape
     assert (attn_kernel.cpu_blocks(B * Hkv, Hq // Hkv, Lq, Lk, D, budget)[2] == Lk) == one_key_block
     q, k = make_qk(B, Hq, Hkv, Lq, Lk, D, torch.bfloat16)
-    result = {}
-    peak = peak_allocated_bytes(
-        lambda: result.setdefault("out", attn_kernel.attn_scores_cpu(q, k, None, causal, scratch_bytes=budget)))
+    out, peak = peak_bytes(lambda: attn_kernel.attn_scores_cpu(q, k, None, causal, scratch_bytes=budget), "cpu")
     out_bytes = B * Hkv * Lk * 4
     # The budget bounds the block scratch; allow the output and O(rows + keys) temporaries
     # (row statistics, key sums) on top.
     assert peak <= budget + out_bytes + 64 * 1024, peak
-    ref_peak = peak_allocated_bytes(lambda: ref.attn_scores(q, k, None, causal))
+    _, ref_peak = peak_bytes(lambda: ref.attn_scores(q, k, None, causal), "cpu")
     assert ref_peak >= Hq * Lq * Lk * 4
-    torch.testing.assert_close(result["out"], expected(q, k, None, causal), rtol=RTOL, atol=ATOL)
+    torch.testing.assert_close(out, expected(q, k, None, causal), rtol=RTOL, atol=ATOL)
 
 
 def test_cpu_default_budget_single_key_block():
