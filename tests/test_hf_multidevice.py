@@ -27,7 +27,7 @@ from tp_worker import LLAMA
 from videollm_tiny import build, make_inputs, make_videos
 
 pytestmark = [pytest.mark.filterwarnings("error::FutureWarning", "error::DeprecationWarning"),
-              pytest.mark.filterwarnings("ignore:PivotKV. pivot tokens outnumber")]
+              pytest.mark.filterwarnings("ignore:PivotKV. pivot tokens outnumber"), pytest.mark.usefixtures("no_grad")]
 
 STEPS = 4
 PREFILL, CHUNK = 80, 16
@@ -47,12 +47,6 @@ def qwen_map(layer1):
 MAPS = {"auto": lambda family: "auto",
         "cpu entries": lambda family: (llama_map if family == "llama" else qwen_map)("cpu"),
         "a layer on disk": lambda family: (llama_map if family == "llama" else qwen_map)("disk")}
-
-
-@pytest.fixture(autouse=True)
-def _no_grad():
-    with torch.no_grad():
-        yield
 
 
 @pytest.fixture(scope="module")

@@ -23,7 +23,7 @@ from retake_ops.hf import PivotKVCache, cache_arg, chunked_prefill, disable_pivo
 from hf_oracle import HIDE, hiding
 
 # transformers' own deprecations must not come out of retake_ops' calls.
-pytestmark = pytest.mark.filterwarnings("error::FutureWarning", "error::DeprecationWarning")
+pytestmark = [pytest.mark.filterwarnings("error::FutureWarning", "error::DeprecationWarning"), pytest.mark.usefixtures("no_grad")]
 
 TOL = 1e-4
 VOCAB = 128
@@ -52,12 +52,6 @@ BUILDERS = {
     "phi3": lambda impl: Phi3ForCausalLM(Phi3Config(**COMMON, attn_implementation=impl)),
 }
 IMPLS = ["eager", "sdpa"]
-
-
-@pytest.fixture(autouse=True)
-def _no_grad():
-    with torch.no_grad():
-        yield
 
 
 def build(arch, impl, seed=0, builders=None):

@@ -18,11 +18,10 @@ from transformers import (DynamicCache, LlamaConfig, LlamaForCausalLM, MistralCo
 from hf_oracle import HIDE, hiding
 from retake_ops.hf import PivotKVCache, cache_arg, chunked_prefill
 from retake_ops.hf.reforge import model_rope
-from test_hf_pivotkv import _no_grad  # noqa: F401  (autouse fixture: every test runs without grad)
 from test_hf_pivotkv import COMMON, generate_positions, keep_tokens, random_pivots
 from test_hf_pivotkv import build as build_model
 
-pytestmark = pytest.mark.filterwarnings("error::FutureWarning", "error::DeprecationWarning")
+pytestmark = [pytest.mark.filterwarnings("error::FutureWarning", "error::DeprecationWarning"), pytest.mark.usefixtures("no_grad")]
 
 TOL = 1e-4
 ROPES = {

@@ -26,7 +26,7 @@ from videollm_tiny import (BUILDERS, QWEN, TEXT, VIDEO, build, frame_columns, ma
 # transformers' own deprecations must not come out of retake_ops' calls; random features make pivots
 # overflow their budgets, which the tests that check the warning assert on purpose.
 pytestmark = [pytest.mark.filterwarnings("error::FutureWarning", "error::DeprecationWarning"),
-              pytest.mark.filterwarnings("ignore:PivotKV. pivot tokens outnumber")]
+              pytest.mark.filterwarnings("ignore:PivotKV. pivot tokens outnumber"), pytest.mark.usefixtures("no_grad")]
 
 TOL = 1e-5
 FAMILIES = list(BUILDERS)
@@ -36,12 +36,6 @@ FRAMES = {"qwen2_vl": [[8], [8, 5]], "qwen2_5_vl": [[8], [8, 5]], "qwen3_vl": [[
           "llava_onevision": [[6], [6, 6]]}
 PROMPTS = {1: [[5, 6, 7]], 2: [[5, 6, 7], [5, 6, 7, 8, 9, 10, 11]]}
 QUESTIONS = {1: [[20, 21, 22, 23]], 2: [[20, 21, 22, 23], [24, 25, 26]]}
-
-
-@pytest.fixture(autouse=True)
-def _no_grad():
-    with torch.no_grad():
-        yield
 
 
 def case(family, batch, seed=0):

@@ -20,17 +20,11 @@ from test_hf_multidevice import DeviceWatch  # noqa: E402
 from videollm_tiny import BUILDERS, build, make_inputs, make_videos  # noqa: E402
 
 pytestmark = [pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices"),
-              pytest.mark.filterwarnings("ignore:PivotKV. pivot tokens outnumber")]
+              pytest.mark.filterwarnings("ignore:PivotKV. pivot tokens outnumber"), pytest.mark.usefixtures("no_grad")]
 
 TOL = 1e-5
 STEPS = 4
 FRAMES = {"qwen2_vl": [8, 5], "qwen2_5_vl": [8, 5], "qwen3_vl": [7, 4], "llava_onevision": [6, 6]}
-
-
-@pytest.fixture(autouse=True)
-def _no_grad():
-    with torch.no_grad():
-        yield
 
 
 def two_devices(model):

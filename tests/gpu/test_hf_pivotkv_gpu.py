@@ -10,14 +10,9 @@ from retake_ops.hf import PivotKVCache, cache_arg, chunked_prefill
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import test_hf_pivotkv as cpu  # noqa: E402  (its helpers and oracle attention registration)
+from gpu_common import requires_cuda  # noqa: E402
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-
-
-@pytest.fixture(autouse=True)
-def _no_grad():
-    with torch.no_grad():
-        yield
+pytestmark = [requires_cuda, pytest.mark.usefixtures("no_grad")]
 
 
 @pytest.mark.parametrize("impl", cpu.IMPLS)

@@ -11,14 +11,9 @@ from retake_ops.hf import RetakeConfig, apply_retake
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import test_hf_videollm as cpu  # noqa: E402  (its helpers and oracle attention registration)
 from videollm_tiny import QWEN, make_inputs  # noqa: E402
+from gpu_common import requires_cuda  # noqa: E402
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-
-
-@pytest.fixture(autouse=True)
-def _no_grad():
-    with torch.no_grad():
-        yield
+pytestmark = [requires_cuda, pytest.mark.usefixtures("no_grad")]
 
 
 def on_cuda(inputs):
