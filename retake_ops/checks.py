@@ -39,10 +39,12 @@ def check_rank(op: str, name: str, t: Tensor, rank: int, layout: str) -> None:
         raise ValueError(f"{op}: {name} must be a {rank}-D tensor {layout}, got shape {shape_str(t)}")
 
 
-def check_int(op: str, name: str, value) -> None:
+def check_int(op: str, name: str, value, minimum: int | None = None) -> None:
     """Python (or numpy) integers only: a float or a bool would be cast or misread further on."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise ValueError(f"{op}: {name} must be an int, got {value!r} ({type(value).__name__})")
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{op}: {name} must be >= {minimum}, got {value}")
 
 
 def check_ratio(op: str, ratio) -> None:
@@ -141,11 +143,8 @@ def check_dpselect(feats: Tensor, num_frames: int, window: int) -> None:
 
 
 def check_target_frames(T: int, ratio: float) -> None:
-    op = "target_frames"
-    check_int(op, "T", T)
-    if T < 1:
-        raise ValueError(f"{op}: T must be >= 1, got {T}")
-    check_ratio(op, ratio)
+    check_int("target_frames", "T", T, minimum=1)
+    check_ratio("target_frames", ratio)
 
 
 # ---------------------------------------------------------------- nms_select
@@ -271,8 +270,5 @@ def check_pivot_kv_compress(q: Tensor, k: Tensor, v: Tensor, pivot_mask: Tensor 
 
 
 def check_keep_tokens(L: int, ratio: float) -> None:
-    op = "keep_tokens"
-    check_int(op, "L", L)
-    if L < 1:
-        raise ValueError(f"{op}: L must be >= 1, got {L}")
-    check_ratio(op, ratio)
+    check_int("keep_tokens", "L", L, minimum=1)
+    check_ratio("keep_tokens", ratio)

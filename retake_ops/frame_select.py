@@ -76,8 +76,7 @@ class SimilarityScorer:
     """
 
     def __init__(self, model, processor, *, batch_size: int = 64, text_kwargs: dict | None = None):
-        if batch_size < 1:
-            raise ValueError(f"SimilarityScorer: batch_size must be >= 1, got {batch_size}")
+        check_int("SimilarityScorer", "batch_size", batch_size, minimum=1)
         self.model = model.eval()
         self.processor = processor
         self.batch_size = batch_size
@@ -190,14 +189,13 @@ def select_frames(video, question, k: int, scorer: Scorer | None = None, candida
     scorer=None is the uniform baseline (UniformScorer): k evenly spaced frames of the
     whole video, without NMS. Returns a FrameSelection; indices index the video.
     """
-    for name, value in (("k", k), ("candidates", candidates), ("radius", radius)):
-        check_int("select_frames", name, value)
+    check_int("select_frames", "k", k)
+    check_int("select_frames", "candidates", candidates, minimum=1)
+    check_int("select_frames", "radius", radius)
     video = torch.as_tensor(video)
     if video.dim() != 4:
         raise ValueError(f"select_frames: video must be a 4-D tensor [T, H, W, C] or [T, C, H, W], "
                          f"got shape {shape_str(video)}")
-    if candidates < 1:
-        raise ValueError(f"select_frames: candidates must be >= 1, got {candidates}")
     channels_last = _channels_last(video, layout)
     T = video.shape[0]
     N = min(candidates, T)
