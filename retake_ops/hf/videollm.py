@@ -285,6 +285,10 @@ def retake_prefill(model, family, config, kwargs: dict, forward):
     amap_dev = amap.to(device)
     question = schedule.question.to(device)
     q_mask = q_valid.long().to(device)
+    real = (amap_dev >= 0).long()  # the attention mask of every column fed so far: chunk i uses a prefix
+    if guided:  # the probe's embeddings and visual flags, the same after every chunk
+        q_embeds = _gather_cols(world.embeds, question, 1)
+        q_visual = torch.zeros_like(q_valid, device=device)
     vid_index = (world.vid.flatten().long().cumsum(0) - 1).view_as(world.vid)
     cache_name = _compat.cache_kwarg(forward)
     caller = {k: v for k, v in kwargs.items() if k not in _CALLER_INPUTS}
@@ -297,17 +301,17 @@ def retake_prefill(model, family, config, kwargs: dict, forward):
         cols = amap_dev[:, a0:a1]
         embeds = _gather_cols(world.embeds, cols, 1)
         pos = _gather_cols(positions, cols, positions.dim() - 1)
-        attn = (amap_dev[:, :a1] >= 0).long()
+        attn = real[:, :a1]
         visual = world.vid.gather(1, cols.clamp(min=0)) & (cols >= 0)
         if plans[i].probe:
             start = reach_dev[:, a1 - 1:a1] + 1
             probe_pos = start + torch.arange(question.shape[1], device=device)[None]
             if positions.dim() == 3:
                 probe_pos = probe_pos[None].expand(positions.shape[0], -1, -1)
-            embeds = torch.cat([embeds, _gather_cols(world.embeds, question, 1)], dim=1)
+            embeds = torch.cat([embeds, q_embeds], dim=1)
             pos = torch.cat([pos, probe_pos.masked_fill(question < 0, 1)], dim=-1)
             attn = torch.cat([attn, q_mask], dim=1)
-            visual = torch.cat([visual, torch.zeros_like(q_valid, device=device)], dim=1)
+            visual = torch.cat([visual, q_visual], dim=1)
         kw = {"inputs_embeds": embeds, "position_ids": pos, "attention_mask": attn, "use_cache": True,
               cache_name: cache}
         if i == last:
