@@ -27,5 +27,5 @@ def gather_into(op: str, k: Tensor, v: Tensor, idx: Tensor, out_k: Tensor, out_v
     valid = (idx >= 0) & (idx < L)
     gk, gv = ref.kv_gather(k, v, torch.where(valid, idx, 0))
     keep = valid[..., None] if idx.dim() == 3 else valid[:, None, :, None]
-    out_k.copy_(gk.masked_fill(~keep, 0))
-    out_v.copy_(gv.masked_fill(~keep, 0))
+    out_k.copy_(gk.masked_fill_(~keep, 0))  # gk, gv: fresh tensors of the gather
+    out_v.copy_(gv.masked_fill_(~keep, 0))
