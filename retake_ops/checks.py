@@ -39,17 +39,29 @@ def check_rank(op: str, name: str, t: Tensor, rank: int, layout: str) -> None:
         raise ValueError(f"{op}: {name} must be a {rank}-D tensor {layout}, got shape {shape_str(t)}")
 
 
-def check_int(op: str, name: str, value, minimum: int | None = None) -> None:
-    """Python (or numpy) integers only: a float or a bool would be cast or misread further on."""
+def _scalar(value):
+    """A 0-d tensor as the Python number it holds (other values as they are): a tensor is as good a
+    number as numpy's or Python's."""
+    return value.item() if isinstance(value, torch.Tensor) and value.dim() == 0 else value
+
+
+def check_int(op: str, name: str, value, minimum: int | None = None) -> int:
+    """An integer of any type (Python, numpy, a 0-d integer tensor) as int. A float or a bool would
+    be cast or misread further on, so they are refused."""
+    value = _scalar(value)
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise ValueError(f"{op}: {name} must be an int, got {value!r} ({type(value).__name__})")
     if minimum is not None and value < minimum:
         raise ValueError(f"{op}: {name} must be >= {minimum}, got {value}")
+    return int(value)
 
 
-def check_ratio(op: str, ratio) -> None:
-    if isinstance(ratio, bool) or not isinstance(ratio, numbers.Real) or not 0 < ratio <= 1:
-        raise ValueError(f"{op}: ratio must be in (0, 1], got {ratio!r}")
+def check_ratio(op: str, ratio, name: str = "ratio") -> float:
+    """A real number in (0, 1] of any type (Python, numpy, a 0-d real tensor) as float."""
+    value = _scalar(ratio)
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 < value <= 1:
+        raise ValueError(f"{op}: {name} must be a real number in (0, 1], got {value!r} ({type(value).__name__})")
+    return float(value)
 
 
 def check_window(op: str, window: int) -> None:
@@ -142,9 +154,8 @@ def check_dpselect(feats: Tensor, num_frames: int, window: int) -> None:
     check_window(op, window)
 
 
-def check_target_frames(T: int, ratio: float) -> None:
-    check_int("target_frames", "T", T, minimum=1)
-    check_ratio("target_frames", ratio)
+def check_target_frames(T: int, ratio: float) -> tuple[int, float]:
+    return check_int("target_frames", "T", T, minimum=1), check_ratio("target_frames", ratio)
 
 
 # ---------------------------------------------------------------- nms_select
@@ -269,6 +280,5 @@ def check_pivot_kv_compress(q: Tensor, k: Tensor, v: Tensor, pivot_mask: Tensor 
     check_same_device(op, q=q, k=k, v=v, pivot_mask=pivot_mask)
 
 
-def check_keep_tokens(L: int, ratio: float) -> None:
-    check_int("keep_tokens", "L", L, minimum=1)
-    check_ratio("keep_tokens", ratio)
+def check_keep_tokens(L: int, ratio: float) -> tuple[int, float]:
+    return check_int("keep_tokens", "L", L, minimum=1), check_ratio("keep_tokens", ratio)

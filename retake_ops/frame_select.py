@@ -28,8 +28,7 @@ CHANNELS = (1, 3)  # grey or RGB
 def uniform_indices(T: int, k: int) -> Tensor:
     """k evenly spaced frames out of T, int64 [k] ascending: the centres of k equal
     segments, ((2i + 1) * T) // (2k). Distinct for 0 <= k <= T; k = T gives every frame."""
-    check_int("uniform_indices", "T", T)
-    check_int("uniform_indices", "k", k)
+    T, k = check_int("uniform_indices", "T", T), check_int("uniform_indices", "k", k)
     if T < 0 or not 0 <= k <= T:
         raise ValueError(f"uniform_indices: need 0 <= k <= T, got T={T}, k={k}")
     return (2 * torch.arange(k, dtype=torch.int64) + 1) * T // (2 * k) if k else torch.empty(0, dtype=torch.int64)
@@ -76,10 +75,9 @@ class SimilarityScorer:
     """
 
     def __init__(self, model, processor, *, batch_size: int = 64, text_kwargs: dict | None = None):
-        check_int("SimilarityScorer", "batch_size", batch_size, minimum=1)
+        self.batch_size = check_int("SimilarityScorer", "batch_size", batch_size, minimum=1)
         self.model = model.eval()
         self.processor = processor
-        self.batch_size = batch_size
         if text_kwargs is None:
             config = model.config
             if config.model_type.startswith("siglip"):
@@ -189,9 +187,9 @@ def select_frames(video, question, k: int, scorer: Scorer | None = None, candida
     scorer=None is the uniform baseline (UniformScorer): k evenly spaced frames of the
     whole video, without NMS. Returns a FrameSelection; indices index the video.
     """
-    check_int("select_frames", "k", k)
-    check_int("select_frames", "candidates", candidates, minimum=1)
-    check_int("select_frames", "radius", radius)
+    k = check_int("select_frames", "k", k)
+    candidates = check_int("select_frames", "candidates", candidates, minimum=1)
+    radius = check_int("select_frames", "radius", radius)
     video = torch.as_tensor(video)
     if video.dim() != 4:
         raise ValueError(f"select_frames: video must be a 4-D tensor [T, H, W, C] or [T, C, H, W], "

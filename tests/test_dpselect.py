@@ -192,8 +192,8 @@ def test_target_frames(T, ratio, expected):
 
 @pytest.mark.parametrize("T, ratio, msg", [
     (0, 0.5, r"target_frames: T must be >= 1, got 0"),
-    (10, 0.0, r"target_frames: ratio must be in \(0, 1\], got 0.0"),
-    (10, 1.5, r"target_frames: ratio must be in \(0, 1\], got 1.5"),
+    (10, 0.0, r"target_frames: ratio must be a real number in \(0, 1\], got 0.0"),
+    (10, 1.5, r"target_frames: ratio must be a real number in \(0, 1\], got 1.5"),
 ])
 def test_target_frames_rejects(T, ratio, msg):
     with pytest.raises(ValueError, match=msg):
@@ -263,7 +263,7 @@ def test_compiles_with_torch_compile(sync):
 @pytest.mark.parametrize("T, ratio, msg", [
     (10.0, 0.5, r"target_frames: T must be an int, got 10.0 \(float\)"),
     (True, 0.5, r"target_frames: T must be an int, got True \(bool\)"),
-    (10, "0.5", r"target_frames: ratio must be in \(0, 1\], got '0.5'"),
+    (10, "0.5", r"target_frames: ratio must be a real number in \(0, 1\], got '0.5'"),
 ])
 def test_target_frames_rejects_non_numbers(T, ratio, msg):
     with pytest.raises(ValueError, match=msg):

@@ -12,6 +12,7 @@ Greedy tokens must be identical and logits within 1e-5 (fp32: chunked vs one-sho
 """
 import sys
 
+import numpy as np
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -453,15 +454,21 @@ def test_precomputed_video_features_are_rejected():
 
 
 @pytest.mark.parametrize("field, value, message", [
-    ("frame_keep_ratio", 0.0, r"frame_keep_ratio must be a number in \(0, 1\], got 0.0"),
-    ("frame_keep_ratio", 1.5, r"frame_keep_ratio must be a number in \(0, 1\], got 1.5"),
-    ("kv_keep_ratio", -0.1, r"kv_keep_ratio must be a number in \(0, 1\], got -0.1"),
-    ("kv_keep_ratio", True, r"kv_keep_ratio must be a number in \(0, 1\], got True"),
+    ("frame_keep_ratio", 0.0, r"frame_keep_ratio must be a real number in \(0, 1\], got 0.0 \(float\)"),
+    ("frame_keep_ratio", 1.5, r"frame_keep_ratio must be a real number in \(0, 1\], got 1.5 \(float\)"),
+    ("frame_keep_ratio", np.float32(1.5), r"frame_keep_ratio must be a real number in \(0, 1\], got np.float32\(1.5\) \(float32\)"),
+    ("frame_keep_ratio", torch.tensor([0.5]), r"frame_keep_ratio must be a real number in \(0, 1\], got tensor"),
+    ("kv_keep_ratio", -0.1, r"kv_keep_ratio must be a real number in \(0, 1\], got -0.1 \(float\)"),
+    ("kv_keep_ratio", True, r"kv_keep_ratio must be a real number in \(0, 1\], got True \(bool\)"),
+    ("kv_keep_ratio", "0.5", r"kv_keep_ratio must be a real number in \(0, 1\], got '0.5' \(str\)"),
+    ("kv_keep_ratio", torch.tensor(0.5j), r"kv_keep_ratio must be a real number in \(0, 1\], got 0.5j \(complex\)"),
     ("window", 4, r"window must be odd, got 4"),
-    ("window", 0, r"window must be an int >= 1, got 0"),
-    ("chunk_frames", 0, r"chunk_frames must be an int >= 1, got 0"),
-    ("chunk_frames", 2.0, r"chunk_frames must be an int >= 1, got 2.0"),
-    ("max_kv_tokens", 0, r"max_kv_tokens must be an int >= 1, got 0"),
+    ("window", 0, r"window must be >= 1, got 0"),
+    ("chunk_frames", 0, r"chunk_frames must be >= 1, got 0"),
+    ("chunk_frames", 2.0, r"chunk_frames must be an int, got 2.0 \(float\)"),
+    ("chunk_frames", torch.tensor(2.0), r"chunk_frames must be an int, got 2.0 \(float\)"),
+    ("max_kv_tokens", 0, r"max_kv_tokens must be >= 1, got 0"),
+    ("max_kv_tokens", np.int64(0), r"max_kv_tokens must be >= 1, got 0$"),
     ("per_patch", 1, r"per_patch must be a bool, got 1"),
     ("question_guided", "yes", r"question_guided must be a bool, got 'yes'"),
     ("pivot_overflow", "drop", r"pivot_overflow must be one of \['evict', 'keep', 'raise'\], got 'drop'"),
@@ -469,6 +476,22 @@ def test_precomputed_video_features_are_rejected():
 def test_config_fields_are_validated(field, value, message):
     with pytest.raises(ValueError, match=r"RetakeConfig: " + message):
         RetakeConfig(**{field: value})
+
+
+@pytest.mark.parametrize("make", [float, np.float32, np.float64, torch.tensor, lambda x: torch.tensor(x).half()],
+                         ids=["float", "float32", "float64", "tensor", "half_tensor"])
+def test_config_numbers_of_any_type_are_taken_as_python_numbers(make):
+    """A real number or integer of any type is a valid field value, stored as Python's float or int,
+    so the config equals (and keeps the same frames and tokens as) one made with Python numbers."""
+    integer = int if make is float else (np.int64 if make in (np.float32, np.float64) else
+                                         (lambda x: torch.tensor(x, dtype=torch.int32)))
+    config = RetakeConfig(frame_keep_ratio=make(0.5), kv_keep_ratio=make(0.25), window=integer(5),
+                          chunk_frames=integer(8))
+    assert config == RetakeConfig(frame_keep_ratio=0.5, kv_keep_ratio=0.25, window=5, chunk_frames=8)
+    assert all(type(getattr(config, f)) is t for f, t in
+               [("frame_keep_ratio", float), ("kv_keep_ratio", float), ("window", int), ("chunk_frames", int)])
+    budget = RetakeConfig(max_kv_tokens=integer(10))
+    assert type(budget.max_kv_tokens) is int and budget.kv_ratio(40) == 0.25
 
 
 def test_config_ratio_and_budget_are_exclusive():

@@ -26,16 +26,11 @@ import warnings
 import torch
 from transformers.cache_utils import DynamicCache, DynamicLayer
 
+from ..checks import check_ratio
+
 PIVOT_OVERFLOW = ("evict", "keep", "raise")
 _GROWTH = 8  # capacity grows by 1/_GROWTH of what is needed (at least _MIN_GROWTH slots)
 _MIN_GROWTH = 64
-
-
-def check_ratio(owner: str, name: str, value) -> float:
-    """A ratio as float, or ValueError naming the owner, the field, the value and the expected range."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < value <= 1.0:
-        raise ValueError(f"{owner}: {name} must be a number in (0, 1], got {value!r}")
-    return float(value)
 
 
 def check_pivot_overflow(policy, owner: str = "PivotKVCache") -> str:
@@ -320,7 +315,7 @@ class PivotKVCache(DynamicCache):
 
     def __init__(self, keep_ratio: float = 0.25, force_pivots: bool = True, reforge_positions: bool = False,
                  pivot_overflow: str = "evict"):
-        self.keep_ratio = check_ratio("PivotKVCache", "keep_ratio", keep_ratio)
+        self.keep_ratio = check_ratio("PivotKVCache", keep_ratio, "keep_ratio")
         if not isinstance(force_pivots, bool):
             raise ValueError(f"PivotKVCache: force_pivots must be a bool, got {force_pivots!r}")
         if not isinstance(reforge_positions, bool):

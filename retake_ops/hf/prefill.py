@@ -7,6 +7,7 @@ import warnings
 import torch
 from tqdm.auto import tqdm
 
+from ..checks import check_int
 from . import _compat
 from .attention import STEP_KWARG, Step, enable_pivotkv_attention
 from .cache import PivotKVCache
@@ -129,8 +130,7 @@ def chunked_prefill(model, input_ids=None, *, inputs_embeds=None, cache: PivotKV
     """
     if not isinstance(cache, PivotKVCache):
         raise ValueError(f"chunked_prefill: cache must be a retake_ops.hf.PivotKVCache, got {type(cache).__name__}")
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-        raise ValueError(f"chunked_prefill: chunk_size must be an int >= 1, got {chunk_size!r}")
+    chunk_size = check_int("chunked_prefill", "chunk_size", chunk_size, minimum=1)
     if (input_ids is None) == (inputs_embeds is None):
         raise ValueError("chunked_prefill: pass exactly one of input_ids ([B, L]) and inputs_embeds ([B, L, hidden])")
     pixels = sorted(k for k in model_kwargs if k.startswith("pixel_values"))

@@ -14,21 +14,15 @@ import types
 import weakref
 from dataclasses import dataclass
 
+from ..checks import check_int, check_ratio
 from . import _compat
 from .attention import disable_pivotkv_attention
-from .cache import PivotKVCache, check_pivot_overflow, check_ratio
+from .cache import PivotKVCache, check_pivot_overflow
 from .models import FAMILIES
 from .videollm import RetakeReport, retake_prefill
 
 _MARK = "_retake_handle"
 _ABSENT = object()
-
-
-def _check_int(name: str, value, low: int, allow_none: bool = False) -> None:
-    if value is None and allow_none:
-        return
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ValueError(f"RetakeConfig: {name} must be an int >= {low}, got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -73,17 +67,23 @@ class RetakeConfig:
     progress: bool = False
 
     def __post_init__(self):
-        check_ratio("RetakeConfig", "frame_keep_ratio", self.frame_keep_ratio)
-        _check_int("window", self.window, 1)
+        # Numbers of any type (numpy, 0-d tensors) are stored as Python's, so a config compares, hashes
+        # and prints the same whatever type its numbers were given in.
+        def store(name, value):
+            object.__setattr__(self, name, value)
+
+        store("frame_keep_ratio", check_ratio("RetakeConfig", self.frame_keep_ratio, "frame_keep_ratio"))
+        store("window", check_int("RetakeConfig", "window", self.window, minimum=1))
         if self.window % 2 != 1:
             raise ValueError(f"RetakeConfig: window must be odd, got {self.window}")
         if self.kv_keep_ratio is not None:
-            check_ratio("RetakeConfig", "kv_keep_ratio", self.kv_keep_ratio)
-        _check_int("max_kv_tokens", self.max_kv_tokens, 1, allow_none=True)
+            store("kv_keep_ratio", check_ratio("RetakeConfig", self.kv_keep_ratio, "kv_keep_ratio"))
+        if self.max_kv_tokens is not None:
+            store("max_kv_tokens", check_int("RetakeConfig", "max_kv_tokens", self.max_kv_tokens, minimum=1))
         if self.kv_keep_ratio is not None and self.max_kv_tokens is not None:
             raise ValueError(f"RetakeConfig: give kv_keep_ratio or max_kv_tokens, not both (got kv_keep_ratio="
                              f"{self.kv_keep_ratio}, max_kv_tokens={self.max_kv_tokens})")
-        _check_int("chunk_frames", self.chunk_frames, 1)
+        store("chunk_frames", check_int("RetakeConfig", "chunk_frames", self.chunk_frames, minimum=1))
         for name in ("per_patch", "question_guided", "force_pivots", "reforge_positions", "progress"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"RetakeConfig: {name} must be a bool, got {getattr(self, name)!r}")
@@ -93,7 +93,7 @@ class RetakeConfig:
         """The PivotKV keep ratio of a row with this many video tokens (after DPSelect)."""
         if self.max_kv_tokens is not None:
             return 1.0 if video_tokens == 0 else min(1.0, self.max_kv_tokens / video_tokens)
-        return 0.25 if self.kv_keep_ratio is None else float(self.kv_keep_ratio)
+        return 0.25 if self.kv_keep_ratio is None else self.kv_keep_ratio
 
 
 def _config(config, overrides) -> RetakeConfig:

@@ -47,5 +47,4 @@ inference_only(OP, dpselect)
 
 def target_frames(T: int, ratio: float) -> int:
     """max(1, round(ratio * T)) frames out of T (an int >= 1) for a keep ratio in (0, 1]."""
-    check_target_frames(T, ratio)
-    return ref.target_frames(T, ratio)
+    return ref.target_frames(*check_target_frames(T, ratio))

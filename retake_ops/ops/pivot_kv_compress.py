@@ -61,5 +61,4 @@ inference_only(OP, pivot_kv_compress)
 
 def keep_tokens(L: int, ratio: float) -> int:
     """max(1, int(ratio * L)) tokens of a chunk of L (an int >= 1) for a keep ratio in (0, 1]."""
-    check_keep_tokens(L, ratio)
-    return ref.keep_tokens(L, ratio)
+    return ref.keep_tokens(*check_keep_tokens(L, ratio))
