@@ -21,12 +21,12 @@ recorded positions and validity (PivotKVLayer.attention_mask).
 """
 from __future__ import annotations
 
-import warnings
 
 import torch
 from transformers.cache_utils import DynamicCache, DynamicLayer
 
 from ..checks import check_ratio
+from ._warn import warn
 
 PIVOT_OVERFLOW = ("evict", "keep", "raise")
 _GROWTH = 8  # capacity grows by 1/_GROWTH of what is needed (at least _MIN_GROWTH slots)
@@ -348,11 +348,10 @@ class PivotKVCache(DynamicCache):
         self.planned |= self.prefilling
         if layer_idx == 0 and q_len > 1 and not self.planned and not self._warned_unplanned:
             self._warned_unplanned = True
-            warnings.warn(
+            warn(
                 f"PivotKVCache: a forward added {q_len} tokens outside a chunked prefill, so nothing was evicted "
                 "from them (generate() and transformers' prefill_chunk_size do not evict); prefill with "
-                "retake_ops.hf.chunked_prefill, or use retake_ops.hf.apply_retake on a VideoLLM",
-                UserWarning, stacklevel=4)
+                "retake_ops.hf.chunked_prefill, or use retake_ops.hf.apply_retake on a VideoLLM")
 
     def _layer(self, layer_idx: int) -> PivotKVLayer:
         if not 0 <= layer_idx < len(self.layers) or not self.layers[layer_idx].is_initialized:

@@ -2,13 +2,13 @@
 from __future__ import annotations
 
 import inspect
-import warnings
 
 import torch
 from tqdm.auto import tqdm
 
 from ..checks import check_int
 from . import _compat
+from ._warn import warn
 from .attention import STEP_KWARG, Step, enable_pivotkv_attention
 from .cache import PivotKVCache
 from .parallel import expected_heads, logger, tensor_parallel
@@ -34,7 +34,7 @@ def run_planned(model, cache: PivotKVCache, plans: list[StepPlan], step_inputs, 
             raise ValueError(f"PivotKV: pivot tokens outnumber the keep budget ({first[0]} row {first[1]}: "
                              f"{first[2]} pivots for {first[3]} kept; {len(events)} chunk row(s) in all) and "
                              "pivot_overflow='raise'")
-        warnings.warn(message, UserWarning, stacklevel=2)
+        warn(message)
     enable_pivotkv_attention(model)
     tp = tensor_parallel(model)
     if tp is not None and cache.tensor_parallel is None:
