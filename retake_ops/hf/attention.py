@@ -9,7 +9,8 @@ as a keyword argument, and moves the positions of later tokens by what the cache
 (re-forging, dropped frames). The attention function then runs the model's own eager or sdpa
 attention with the held slots' mask columns rebuilt, and evicts after it. Forwards with any
 other cache pass straight through, so the switch is harmless for them. `remove()` (or leaving
-the `with` block, or `disable_pivotkv_attention`) restores the model exactly.
+the `with` block, or `disable_pivotkv_attention`) restores the model exactly; a copy of a
+switched model (deepcopy, pickle) has the original attention (retake_ops.hf.copies).
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from . import _compat
+from . import _compat, copies
 from .cache import PivotKVCache
 from .evict import evict
 from .parallel import TensorParallel
@@ -127,6 +128,7 @@ class AttentionSwitch:
         _compat.set_attention_implementation(model, PREFIX + impl)
         self._hook = _compat.decoder(model).register_forward_pre_hook(_decoder_hook, with_kwargs=True)
         setattr(model, _ATTR, self)
+        copies.hold(model, self, fix=disable_pivotkv_attention)
 
     @property
     def active(self) -> bool:
@@ -138,6 +140,7 @@ class AttentionSwitch:
         self._hook.remove()
         _compat.set_attention_implementation(self.model, self.previous)
         delattr(self.model, _ATTR)
+        copies.release(self.model, self)
 
     def __enter__(self):
         return self

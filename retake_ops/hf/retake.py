@@ -3,8 +3,11 @@
 The patch replaces the model's forward (one instance, or the class for every model built
 later, Liger-style) with one that runs the ReTaKe prefill (retake_ops.hf.videollm) when a call
 brings videos and an empty cache, and otherwise calls the original forward; decoding then
-continues on the PivotKVCache the prefill returned. The handle's remove() (or leaving its
-`with` block) restores the forward and the attention implementation exactly.
+continues on the PivotKVCache the prefill returned. It also wraps generate(), so that options
+the prefill cannot serve on videos (use_cache=False, static and other cache kinds,
+prefill_chunk_size) are refused by name before generate() does any work; the forward refuses
+the same for direct calls. The handle's remove() (or leaving its `with` block) restores the
+model exactly, and copies of an instance-patched model are unpatched (retake_ops.hf.copies).
 """
 from __future__ import annotations
 
@@ -14,15 +17,17 @@ import types
 import weakref
 from dataclasses import dataclass
 
-from ..checks import check_int, check_ratio
-from . import _compat
+import torch
+from transformers.cache_utils import DynamicCache
+
+from ..checks import FLOAT_DTYPES, check_int, check_ratio
+from . import _compat, copies
 from .attention import disable_pivotkv_attention
 from .cache import PivotKVCache, check_pivot_overflow
 from .models import FAMILIES
 from .videollm import RetakeReport, retake_prefill
 
 _MARK = "_retake_handle"
-_ABSENT = object()
 
 
 @dataclass(frozen=True)
@@ -136,68 +141,95 @@ class RetakeHandle:
         self.prefills = 0
         self._models = weakref.WeakSet()
         self._checked = weakref.WeakSet()
-        self._restore: list[tuple[object, str, object]] = []  # (owner, attribute, previous or _ABSENT)
+        self._restore: list[tuple[object, str, object]] = []  # (owner, attribute, previous or copies.ABSENT)
         self.active = False
 
     def _set(self, owner, name: str, value) -> None:
         """owner.name = value, remembering what remove() puts back (or deletes)."""
-        self._restore.append((owner, name, owner.__dict__.get(name, _ABSENT)))
+        self._restore.append((owner, name, owner.__dict__.get(name, copies.ABSENT)))
         setattr(owner, name, value)
 
+    def _wrap(self, name: str, make) -> None:
+        """Replace method `name` of the target by make(original): original(model) is the method it
+        replaces, bound to `model`. An instance patch binds to the target itself, which is why its
+        copies must not keep the patch (retake_ops.hf.copies)."""
+        found = getattr(self.target, name)
+        if self.instance:
+            def original(model):
+                return found
+        else:
+            function = getattr(found, "__func__", found)
+
+            def original(model):
+                return types.MethodType(function, model)
+
+        patched = make(original)
+        setattr(patched, _MARK, self)
+        patched.__doc__ = getattr(found, "__doc__", None)
+        self._set(self.target, name, types.MethodType(patched, self.target) if self.instance else patched)
+
     def _install(self) -> None:
-        target = self.target
+        target, handle = self.target, self
         cls = type(target) if self.instance else target
-        original = target.forward if self.instance else cls.__dict__["forward"]
-        if getattr(original, _MARK, None) is not None:
+        if getattr(target.forward, _MARK, None) is not None:
             raise ValueError(f"apply_retake: {self._name()} is already patched; remove() that handle first")
-        signature = inspect.signature(cls.forward)
-        handle = self
+        forward_signature = inspect.signature(cls.forward)
+        generate_signature = inspect.signature(cls.generate)
 
-        def bind(model, function):
-            return function if handle.instance else types.MethodType(function, model)
+        def make_forward(original):
+            def forward(model, *args, **kwargs):
+                call = original(model)
+                named = _named(forward_signature, (model, *args), kwargs)
+                named.pop("self", None)
+                cache = _compat.cache_from_kwargs(named)
+                if (named.get("mm_encoder_outputs") or {}).get("video") is not None:
+                    raise ValueError("apply_retake: the ReTaKe prefill runs the vision tower itself; pass "
+                                     "pixel_values_videos (and its grid), not mm_encoder_outputs")
+                if handle.family.has_video(named) and (cache is None or cache.get_seq_length() == 0):
+                    check_prefill_call(model, named, cache)
+                    handle._check(model)
+                    handle._models.add(model)
+                    out, handle.report = retake_prefill(model, handle.family, handle.config, named, call)
+                    handle.prefills += 1
+                    return out
+                return call(**named)
 
-        def forward(model, *args, **kwargs):
-            call = bind(model, original)
-            named = _named(signature, (model, *args), kwargs)
-            named.pop("self", None)
-            cache = _compat.cache_from_kwargs(named)
-            if (named.get("mm_encoder_outputs") or {}).get("video") is not None:
-                raise ValueError("apply_retake: the ReTaKe prefill runs the vision tower itself; pass "
-                                 "pixel_values_videos (and its grid), not mm_encoder_outputs")
-            if handle.family.has_video(named) and (cache is None or cache.get_seq_length() == 0):
-                if isinstance(cache, PivotKVCache):
-                    raise ValueError("apply_retake: the ReTaKe prefill makes its own PivotKVCache from the handle's "
-                                     "RetakeConfig; pass no cache (generate() makes an empty one, which is fine)")
-                handle._check(model)
-                handle._models.add(model)
-                out, handle.report = retake_prefill(model, handle.family, handle.config, named, call)
-                handle.prefills += 1
-                return out
-            return call(**named)
+            # generate() reads forward's signature to choose what to pass: the patched one takes raw pixels.
+            forward.__signature__ = _compat.patched_forward_signature(cls.forward)
+            return forward
 
-        setattr(forward, _MARK, self)
-        forward.__doc__ = getattr(original, "__doc__", None)
-        # generate() reads forward's signature to choose what to pass: the patched one takes raw pixels.
-        forward.__signature__ = _compat.patched_forward_signature(cls.forward)
-        self._set(target, "forward", types.MethodType(forward, target) if self.instance else forward)
+        def make_generate(original):
+            def generate(model, *args, **kwargs):
+                named = _named(generate_signature, (model, *args), kwargs)
+                if handle.family.has_video(named):
+                    check_generate_options(model, named)
+                return original(model)(*args, **kwargs)
+
+            generate.__signature__ = generate_signature
+            return generate
+
+        self._wrap("forward", make_forward)
+        self._wrap("generate", make_generate)
         if _compat.pre_encodes_vision(cls.forward) and self.family.video_inputs:
             # generate() no longer encodes the videos itself, so their inputs reach its generic
             # row-wise repeat for beams and several sequences: the family repeats them per video.
-            expand_inputs = getattr(target, _compat.EXPAND_HOOK)
+            def make_expand(original):
+                def expand(model, expand_size=1, is_encoder_decoder=False, input_ids=None, **model_kwargs):
+                    videos = {name: model_kwargs.pop(name) for name in handle.family.video_inputs
+                              if name in model_kwargs}
+                    input_ids_out, model_kwargs = original(model)(
+                        expand_size=expand_size, is_encoder_decoder=is_encoder_decoder, input_ids=input_ids,
+                        **model_kwargs)
+                    if expand_size > 1 and input_ids is not None:
+                        videos = handle.family.expand_videos(model, input_ids, videos, expand_size)
+                    model_kwargs.update(videos)
+                    return input_ids_out, model_kwargs
 
-            def expand(model, expand_size=1, is_encoder_decoder=False, input_ids=None, **model_kwargs):
-                videos = {name: model_kwargs.pop(name) for name in handle.family.video_inputs if name in model_kwargs}
-                input_ids_out, model_kwargs = bind(model, expand_inputs)(
-                    expand_size=expand_size, is_encoder_decoder=is_encoder_decoder, input_ids=input_ids,
-                    **model_kwargs)
-                if expand_size > 1 and input_ids is not None:
-                    videos = handle.family.expand_videos(model, input_ids, videos, expand_size)
-                model_kwargs.update(videos)
-                return input_ids_out, model_kwargs
+                return expand
 
-            if not self.instance:
-                expand_inputs = getattr(expand_inputs, "__func__", expand_inputs)
-            self._set(target, _compat.EXPAND_HOOK, types.MethodType(expand, target) if self.instance else expand)
+            self._wrap(_compat.EXPAND_HOOK, make_expand)
+        if self.instance:
+            copies.hold(target, self, {name: earlier for owner, name, earlier in self._restore if owner is target})
         self.active = True
 
     def _name(self) -> str:
@@ -210,15 +242,17 @@ class RetakeHandle:
         self._checked.add(model)
 
     def remove(self) -> None:
-        """Restore the original forward (and generation hook) and attention implementation (idempotent)."""
+        """Restore the original forward, generate (and generation hook) and attention implementation (idempotent)."""
         if not self.active:
             return
         for owner, name, previous in reversed(self._restore):
-            if previous is _ABSENT:
+            if previous is copies.ABSENT:
                 delattr(owner, name)
             else:
                 setattr(owner, name, previous)
         self._restore.clear()
+        if self.instance:
+            copies.release(self.target, self)
         for model in list(self._models):
             disable_pivotkv_attention(model)
         self.active = False
@@ -248,6 +282,70 @@ def check_model(model, family, config: RetakeConfig) -> None:
     if config.per_patch and not family.supports_per_patch:
         raise ValueError(f"apply_retake: per_patch=True is not available for {family.name}: a per-patch frame "
                          "would have no timestamp; use per_patch=False")
+
+
+_NO_CACHE = ("apply_retake: use_cache=False with videos: the ReTaKe prefill leaves the compressed video in a KV "
+             "cache that decoding continues on, so it cannot run without one; drop use_cache=False (or remove() "
+             "the patch to run the model without a cache)")
+_CACHE_IMPLEMENTATIONS = (None, "dynamic")  # generate()'s plain DynamicCache, which the prefill replaces
+
+
+def check_cache(cache) -> None:
+    """ValueError for a cache the ReTaKe prefill cannot take the place of: anything but none or the plain,
+    empty DynamicCache that generate() makes. The prefill returns its own PivotKVCache, which drops
+    evicted video tokens; a static cache cannot, and an offloaded or quantized one would silently lose
+    what it was chosen for."""
+    if cache is None:
+        return
+    if isinstance(cache, PivotKVCache):
+        raise ValueError("apply_retake: the ReTaKe prefill makes its own PivotKVCache from the handle's "
+                         "RetakeConfig; pass no cache (generate() makes an empty one, which is fine)")
+    if type(cache) is not DynamicCache or getattr(cache, "offloading", False):
+        kind = type(cache).__name__ + (" with offloading" if getattr(cache, "offloading", False) else "")
+        raise ValueError(f"apply_retake: got a {kind} for a prompt with videos; the ReTaKe prefill returns its own "
+                         "PivotKVCache, which drops evicted video tokens, in its place. Pass no cache and no "
+                         "cache_implementation (generate() then makes a plain DynamicCache, which is fine)")
+
+
+def check_prefill_call(model, named: dict, cache) -> None:
+    """ValueError, before any work, for a forward call with videos that the ReTaKe prefill cannot serve."""
+    if model.dtype not in FLOAT_DTYPES:  # checked per call: the model may have moved since it was patched
+        raise ValueError(f"apply_retake: the ReTaKe prefill runs in float16, bfloat16 or float32, got a "
+                         f"{str(model.dtype).removeprefix('torch.')} model")
+    if named.get("use_cache") is False:
+        raise ValueError(_NO_CACHE)
+    check_cache(cache)
+    mask = named.get("attention_mask")
+    if mask is not None and not (isinstance(mask, torch.Tensor) and mask.dim() == 2):
+        got = f"shape {list(mask.shape)}" if isinstance(mask, torch.Tensor) else type(mask).__name__
+        raise ValueError(f"apply_retake: the ReTaKe prefill takes the processor's 2-D attention_mask [batch, "
+                         f"length], got {got}")
+
+
+def check_generate_options(model, named: dict) -> None:
+    """ValueError, before generate() does any work, for generation options (arguments, or the
+    generation_config's) that the ReTaKe prefill cannot serve on a prompt with videos."""
+    config = named.get("generation_config") or model.generation_config
+
+    def option(name):
+        return named[name] if name in named else getattr(config, name, None)
+
+    if option("use_cache") is False:
+        raise ValueError(_NO_CACHE)
+    implementation = option("cache_implementation")
+    if implementation not in _CACHE_IMPLEMENTATIONS:
+        raise ValueError(f"apply_retake: cache_implementation={implementation!r} with videos: the ReTaKe prefill "
+                         "returns its own PivotKVCache, which drops evicted video tokens, and decoding continues on "
+                         "it; drop cache_implementation (or pass 'dynamic')")
+    chunk = option("prefill_chunk_size")
+    if chunk is not None:
+        raise ValueError(f"apply_retake: prefill_chunk_size={chunk!r} with videos: generate() would split the "
+                         "prompt, videos included, into token chunks, while the ReTaKe prefill already chunks the "
+                         "video by frames; drop prefill_chunk_size and bound the prefill's memory with "
+                         "RetakeConfig(chunk_frames=...)")
+    cache = _compat.cache_from_kwargs(named)
+    if cache is not None and cache.get_seq_length() == 0:
+        check_cache(cache)
 
 
 def _apply(family_name: str, model, config, overrides) -> RetakeHandle:

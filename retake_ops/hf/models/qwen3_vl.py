@@ -56,9 +56,11 @@ class Qwen3VLFamily(Qwen2VLFamily):
                     while unit > 0 and int(ids_row[unit - 1]) != vs and start - unit <= _MAX_TIMESTAMP_TOKENS:
                         unit -= 1
                     if unit == 0 or int(ids_row[unit - 1]) != vs:
-                        raise ValueError(f"apply_retake: row {row}: the first group of a video must follow "
-                                         "<|vision_start|> <t seconds> <|vision_start|>, as the Qwen3-VL processor "
-                                         "writes it")
+                        raise ValueError(f"apply_retake: row {row}: a Qwen3-VL video must sit inside the chat "
+                                         "template's <|vision_start|> ... <|vision_end|>, around the processor's "
+                                         "<t seconds> <|vision_start|> <|video_pad|>... <|vision_end|> groups (only "
+                                         "they tell where the first group's timestamp starts); build the prompt "
+                                         "with processor.apply_chat_template, or write them around the video")
                 else:
                     unit = frames[-1].end
                 frames.append(Frame(unit, end + 1, start, end))
