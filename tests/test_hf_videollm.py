@@ -341,6 +341,27 @@ def test_max_kv_tokens_sets_the_ratio_per_video():
     assert [v.kv_keep_ratio for v in handle.report.videos] == [10 / 32, 10 / 20]
 
 
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("family", QWEN)
+def test_max_kv_tokens_rows_hold_their_own_budget(family, impl):
+    """Videos of different lengths in one batch get different ratios, min(1, budget / video tokens): each
+    layer holds, per row, keep_tokens(n, that row's ratio) of each chunk's n video tokens."""
+    model = build(family, impl)
+    _, inputs = case(family, 2)
+    budget, groups = 10, 2  # chunk_frames=4: two temporal groups per chunk
+    with apply_retake(model, max_kv_tokens=budget, chunk_frames=2 * groups) as handle:
+        model(**inputs)
+    per = tokens_per_frame(family)
+    want, video = [], []
+    for b, frames in enumerate(FRAMES[family][1]):
+        ratio = min(1.0, budget / (frames * per))
+        chunks = [min(groups, frames - i) * per for i in range(0, frames, groups)]
+        want.append(sum(retake_ops.keep_tokens(n, ratio) for n in chunks))
+        video.append(torch.tensor([c for _, tokens in frame_columns(family, inputs, b) for c in tokens]))
+    for held in handle.report.positions:
+        assert [int(torch.isin(row, cols).sum()) for row, cols in zip(held, video)] == want
+
+
 @pytest.mark.parametrize("family", ["qwen2_vl", "llava_onevision"])
 def test_per_patch_selection_with_every_frame_kept_is_the_unpatched_model(family):
     model = build(family, "sdpa")
