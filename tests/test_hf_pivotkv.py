@@ -358,6 +358,36 @@ def test_rows_keep_their_own_budget():
         assert torch.equal(held[1][held[1] >= 0], alone.kept_positions(layer)[0])
 
 
+@pytest.mark.parametrize("impl", IMPLS)
+def test_row_keeping_its_whole_chunk_beside_an_evicting_row(impl):
+    """A row that keeps every evictable token of a chunk (here its single one: keep_tokens(1, ratio) = 1)
+    while another row evicts in that chunk holds it, and never its padding in the token's place."""
+    model = build("llama", impl)
+    prefill_len, chunk, ratio, pad, single = 64, 32, 0.25, 10, 15
+    ids = torch.randint(3, 120, (2, prefill_len + 3), generator=torch.Generator().manual_seed(27))
+    ids[1, :pad] = 0
+    mask = torch.ones_like(ids)
+    mask[1, :pad] = 0
+    # Row 1's padding lies in chunk 0 ahead of its one evictable token: the columns a wrong compaction
+    # would fill the token's slot from. The last chunk stays whole.
+    compress = torch.zeros(2, prefill_len, dtype=torch.bool)
+    compress[0, :chunk] = True
+    compress[1, single] = True
+    cache = PivotKVCache(keep_ratio=ratio)
+    last = chunked_prefill(model, ids[:, :prefill_len], cache=cache, chunk_size=chunk, compress_mask=compress,
+                           attention_mask=mask[:, :prefill_len])
+    kept = kept_of(cache, model)
+    positions = generate_positions(mask)
+    out = model(ids[:, prefill_len:], attention_mask=mask, position_ids=positions[:, prefill_len:],
+                **cache_arg(model, cache)).logits
+    oracle = oracle_forward(model, impl, ids, kept, prefill_len, chunk, attention_mask=mask, position_ids=positions)
+    torch.testing.assert_close(last, oracle[:, prefill_len - 1], rtol=0, atol=TOL)
+    torch.testing.assert_close(out, oracle[:, prefill_len:], rtol=0, atol=TOL)
+    for held in kept:  # row 1: every real token; row 0: its budget of chunk 0, then its filler slots
+        assert held[1][held[1] >= 0].tolist() == list(range(pad, prefill_len))
+        assert int(((held[0] >= 0) & (held[0] < chunk)).sum()) == keep_tokens(chunk, ratio)
+
+
 def test_default_compress_mask_keeps_the_whole_last_chunk_when_it_is_full():
     """L a multiple of chunk_size: the last chunk [L - chunk, L) stays whole, every earlier one is evicted."""
     model = build("llama", "sdpa")
