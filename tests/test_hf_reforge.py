@@ -15,11 +15,15 @@ import torch
 from transformers import (DynamicCache, LlamaConfig, LlamaForCausalLM, MistralConfig,
                           MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM)
 
+import retake_ops
 from hf_oracle import HIDE, hiding
-from retake_ops.hf import PivotKVCache, cache_arg, chunked_prefill
+from retake_ops.hf import PivotKVCache, apply_retake, cache_arg, chunked_prefill
 from retake_ops.hf.reforge import model_rope
 from test_hf_pivotkv import COMMON, generate_positions, keep_tokens, random_pivots
 from test_hf_pivotkv import build as build_model
+from test_hf_videollm import case
+from videollm_tiny import QWEN, frame_columns
+from videollm_tiny import build as build_videollm
 
 pytestmark = [pytest.mark.filterwarnings("error::FutureWarning", "error::DeprecationWarning"), pytest.mark.usefixtures("no_grad")]
 
@@ -275,6 +279,51 @@ def test_left_padded_batch_with_protected_span_equals_oracle(impl):
                          max_new_tokens=steps, do_sample=False)
     assert torch.equal(gen, oracle_greedy(model, impl, prompt, kept, prefill_len, chunk, ratio, steps,
                                           valid=valid[:, :prefill_len + 1], compress=compress))
+
+
+# ---------------------------------------------------------------------------------------
+# Multimodal RoPE (apply_retake on the Qwen families): the re-forged positions from the definition.
+# ---------------------------------------------------------------------------------------
+@pytest.mark.filterwarnings("ignore:PivotKV. pivot tokens outnumber")
+@pytest.mark.parametrize("batch", [1, 2])
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("family", QWEN)
+def test_mrope_reforging_moves_only_the_kept_video_tokens_temporal_position(family, impl, batch):
+    """In each row and video chunk of n video tokens, keep_tokens(n, ratio) = k are held and the temporal
+    position t of each becomes t0 + (t - t0) * k // n, t0 the smallest among them; every other held token
+    (text, and Qwen3-VL's timestamps and vision markers inside the chunks) keeps the model's own positions.
+
+    chunk_frames=8 (four temporal groups) spreads a chunk's t over several values, Qwen3-VL's chunks hold
+    text below the first video token, and the padded batch has rows that keep fewer tokens than another
+    in a chunk (filler slots) and chunks with padding in front."""
+    model = build_videollm(family, impl)
+    _, inputs = case(family, batch)
+    ratio, groups = 0.4, 4  # Qwen3-VL's padded chunk: rows of 12 and 16 video tokens keep 4/12 and 6/16
+    with apply_retake(model, kv_keep_ratio=ratio, chunk_frames=2 * groups, reforge_positions=True) as handle:
+        out = model(**inputs)
+    cache = out["cache"] if "cache" in out else out["past_key_values"]
+    extra = {k: inputs[k] for k in ("video_grid_thw", "second_per_grid_ts") if k in inputs}
+    original, _ = model.model.get_rope_index(inputs["input_ids"], mm_token_type_ids=inputs["mm_token_type_ids"],
+                                             attention_mask=inputs["attention_mask"], **extra)
+    for layer, held in enumerate(handle.report.positions):
+        got = cache.reforged_positions(layer)
+        before = original.gather(2, held.clamp(min=0).expand(3, -1, -1))
+        want = before.clone()
+        real = held >= 0
+        video = torch.zeros_like(real)
+        for b in range(batch):
+            frames = frame_columns(family, inputs, b)
+            for first in range(0, len(frames), groups):
+                tokens = torch.tensor([c for _, cols in frames[first:first + groups] for c in cols])
+                k = retake_ops.keep_tokens(tokens.numel(), ratio)
+                at = torch.isin(held[b], tokens)
+                assert int(at.sum()) == k
+                t = want[0, b, at]
+                want[0, b, at] = t.min() + (t - t.min()) * k // tokens.numel()
+                video[b] |= at
+        text = real & ~video
+        assert got[:, text].tolist() == before[:, text].tolist()
+        assert got[:, video].tolist() == want[:, video].tolist()
 
 
 # ---------------------------------------------------------------------------------------
