@@ -7,8 +7,9 @@ heads and 1 kv head per rank) and run the same cases as this process does withou
 parallelism: greedy generate() with and without PivotKV (chunked_prefill, Llama) and ReTaKe
 (apply_retake, Qwen2-VL, a left-padded batch of two videos). Each rank's greedy tokens must be
 the single process's and its logits within 1e-5; the tokens each layer keeps must be the same
-on both ranks and the same as in one process. The workers then prefill once more with the
-score all-reduce taken away, and the ranks must keep different tokens: the comparison can fail.
+on both ranks and the same as in one process, and so must the scores they were selected by,
+within fp32 rounding. The workers then prefill once more with the score all-reduce taken away,
+and the ranks must keep different tokens: the comparison can fail.
 """
 import os
 import pathlib
@@ -27,6 +28,7 @@ from tp_worker import LLAMA, load_models, run_cases, save_models
 pytestmark = pytest.mark.filterwarnings("error::FutureWarning", "error::DeprecationWarning")
 
 TOL = 1e-5
+SCORE_RTOL = 1e-6  # fp32 scores near 1: the ranks' sums of two heads each round apart by an ulp or so
 TIMEOUT = 240  # seconds for the two workers, loading included (about 20 on two shared cores)
 WORKER = pathlib.Path(__file__).with_name("tp_worker.py")
 CASES = ["llama", "llama_pivotkv", "qwen2_vl", "qwen2_vl_retake"]
@@ -97,6 +99,22 @@ def test_every_rank_keeps_the_tokens_one_process_keeps(runs, case):
         assert len(got[case]["kept"]) == len(want) == 2
         for layer, (g, w) in enumerate(zip(got[case]["kept"], want)):
             assert torch.equal(g, w), (case, rank, layer, g, w)
+
+
+@pytest.mark.parametrize("case", COMPRESSED)
+def test_every_rank_scores_the_tokens_as_one_process_does(runs, case):
+    """The all-reduced scores are one process's mean over all query heads, not only in the same order:
+    with force_pivots a rescale that keeps the order (dividing by a rank's heads, not the model's)
+    would keep the same tokens."""
+    single, ranks, _ = runs
+    want = [scores for scores, *_ in single[case]["selections"]]
+    assert len(want) == 10  # 2 layers x 5 evictions each (Llama: chunks; Qwen2-VL: chunks' row groups)
+    for rank, got in enumerate(ranks):
+        got = [scores for scores, *_ in got[case]["selections"]]
+        assert len(got) == len(want)
+        for call, (g, w) in enumerate(zip(got, want)):
+            torch.testing.assert_close(g, w, rtol=SCORE_RTOL, atol=0,
+                                       msg=lambda m: f"{case}, rank {rank}, selection {call}: {m}")
 
 
 def test_every_rank_sees_the_same_video_features_and_frames(runs):

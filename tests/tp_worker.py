@@ -9,10 +9,12 @@ single process and compares. Then every rank runs the PivotKV prefills once more
 score all-reduce taken away (`forgotten_all_reduce`): the ranks must then keep different tokens,
 which shows that the comparison can fail.
 """
+import contextlib
 import logging
 import os
 import sys
 import warnings
+from unittest import mock
 
 import torch
 
@@ -71,30 +73,53 @@ def greedy(model, **inputs):
     return {"tokens": out.sequences[:, -STEPS:], "logits": torch.stack(out.logits, 1)}
 
 
+@contextlib.contextmanager
+def selections():
+    """The arguments (scores, pivot_mask, keep, force_pivots) of every eviction's selection, in call
+    order (forward by forward, its layers in turn, each layer's row groups). pivot_kv_compress's
+    rule (select_tokens) gets the op's own scores in one process and the all-reduced ones under
+    tensor parallelism (retake_ops.hf.evict): the same seam on both sides."""
+    from retake_ops.hf import evict
+    from retake_ops.kernels import pivot_kv_compress as kernel
+
+    calls, select = [], kernel.select_tokens
+
+    def recording(scores, *args):
+        calls.append((scores.clone(), *args))
+        return select(scores, *args)
+
+    with mock.patch.object(kernel, "select_tokens", recording), mock.patch.object(evict, "select_tokens", recording):
+        yield calls
+
+
 def llama_pivotkv(model):
-    """chunked_prefill of all but the last prompt token, the layers' kept positions, then generate()."""
+    """chunked_prefill of all but the last prompt token, its selections, the layers' kept positions,
+    then generate()."""
     from retake_ops.hf import PivotKVCache, cache_arg, chunked_prefill, disable_pivotkv_attention
 
     ids, pivots = llama_inputs()
     cache = PivotKVCache(keep_ratio=RATIO)
-    last = chunked_prefill(model, ids[:, :PREFILL], cache=cache, chunk_size=CHUNK, pivot_mask=pivots)
+    with selections() as picked:
+        last = chunked_prefill(model, ids[:, :PREFILL], cache=cache, chunk_size=CHUNK, pivot_mask=pivots)
     kept = [cache.kept_positions(layer).clone() for layer in range(len(cache.layers))]
     out = dict(greedy(model, input_ids=ids, **cache_arg(model, cache)), prefill_logits=last, kept=kept,
-               group=str(cache.tensor_parallel), seen=torch.full((1,), PREFILL))
+               selections=picked, group=str(cache.tensor_parallel), seen=torch.full((1,), PREFILL))
     disable_pivotkv_attention(model)
     return out
 
 
 def qwen_retake(model):
-    """apply_retake + generate(): the vision features, DPSelect's picks, the layers' kept columns."""
+    """apply_retake + generate(): the vision features, DPSelect's picks, PivotKV's selections, the
+    layers' kept columns."""
     from retake_ops.hf import apply_retake
 
     inputs = qwen_inputs()
     features = model.get_video_features(inputs["pixel_values_videos"], inputs["video_grid_thw"], return_dict=True)
-    with apply_retake(model, **RETAKE) as handle:
+    with apply_retake(model, **RETAKE) as handle, selections() as picked:
         out = greedy(model, **inputs)
     report = handle.report
     return dict(out, features=torch.cat(list(features.pooler_output)), kept=[p.clone() for p in report.positions],
+                selections=picked,
                 frames=[v.kept_frames for v in report.videos], keyframes=[v.keyframes for v in report.videos],
                 group=str(report.tensor_parallel),
                 seen=inputs["attention_mask"].sum(1) - torch.tensor([v.tokens - v.kept_tokens for v in report.videos]))
