@@ -4,12 +4,13 @@ The tiny Llama and the tiny Qwen2-VL-shaped model (4 query / 2 kv heads, fp32) a
 save_pretrained; `torch.distributed.run --nproc_per_node 2` (loopback, CPU, gloo) starts
 tests/tp_worker.py, whose ranks load them with `DistributedConfig(tp_plan="auto")` (2 query
 heads and 1 kv head per rank) and run the same cases as this process does without tensor
-parallelism: greedy generate() with and without PivotKV (chunked_prefill, Llama) and ReTaKe
-(apply_retake, Qwen2-VL, a left-padded batch of two videos). Each rank's greedy tokens must be
-the single process's and its logits within 1e-5; the tokens each layer keeps must be the same
-on both ranks and the same as in one process, and so must the scores they were selected by,
-within fp32 rounding. The workers then prefill once more with the score all-reduce taken away,
-and the ranks must keep different tokens: the comparison can fail.
+parallelism: greedy generate() with and without PivotKV (chunked_prefill, Llama; pivots ranked
+first, and the original ReTaKe rule, force_pivots=False) and ReTaKe (apply_retake, Qwen2-VL, a
+left-padded batch of two videos). Each rank's greedy tokens must be the single process's and its
+logits within 1e-5; the tokens each layer keeps must be the same on both ranks and the same as
+in one process, and so must the scores they were selected by, within fp32 rounding. The workers
+then prefill once more with the score all-reduce taken away, and the ranks must keep different
+tokens: the comparison can fail.
 """
 import os
 import pathlib
@@ -23,6 +24,7 @@ import torch
 
 from retake_ops.hf import PivotKVCache, chunked_prefill
 from retake_ops.hf import parallel
+from retake_ops.kernels.pivot_kv_compress import select_tokens
 from tp_worker import LLAMA, load_models, run_cases, save_models
 
 pytestmark = pytest.mark.filterwarnings("error::FutureWarning", "error::DeprecationWarning")
@@ -31,8 +33,8 @@ TOL = 1e-5
 SCORE_RTOL = 1e-6  # fp32 scores near 1: the ranks' sums of two heads each round apart by an ulp or so
 TIMEOUT = 240  # seconds for the two workers, loading included (about 20 on two shared cores)
 WORKER = pathlib.Path(__file__).with_name("tp_worker.py")
-CASES = ["llama", "llama_pivotkv", "qwen2_vl", "qwen2_vl_retake"]
-COMPRESSED = ["llama_pivotkv", "qwen2_vl_retake"]
+CASES = ["llama", "llama_pivotkv", "llama_pivotkv_unforced", "qwen2_vl", "qwen2_vl_retake"]
+COMPRESSED = ["llama_pivotkv", "llama_pivotkv_unforced", "qwen2_vl_retake"]
 
 
 def free_port() -> int:
@@ -117,6 +119,17 @@ def test_every_rank_scores_the_tokens_as_one_process_does(runs, case):
                                        msg=lambda m: f"{case}, rank {rank}, selection {call}: {m}")
 
 
+def test_without_forced_pivots_the_kept_tokens_depend_on_the_scale_of_the_scores(runs):
+    """force_pivots=False scores the pivots 1.0 among the others (Llama's chunk scores lie around 1.0),
+    so scores twice too large (divided by one rank's heads, not the model's) would keep other tokens:
+    the unforced case can fail on the scale."""
+    single, _, _ = runs
+    calls = single["llama_pivotkv_unforced"]["selections"]
+    assert not any(force for *_, force in calls)
+    assert any(not torch.equal(select_tokens(2 * scores, *rest), select_tokens(scores, *rest))
+               for scores, *rest in calls)
+
+
 def test_every_rank_sees_the_same_video_features_and_frames(runs):
     """The vision tower is replicated: its features, so DPSelect's frames and keyframes, agree."""
     single, ranks, _ = runs
@@ -143,7 +156,7 @@ def test_the_process_group_is_the_models_and_is_named(runs):
 def test_without_the_all_reduce_the_ranks_keep_different_tokens(runs):
     """Each rank scoring its own heads alone: the ranks' caches disagree, and the comparison above fails."""
     _, ranks, _ = runs
-    for case in COMPRESSED:
+    for case in ("llama_pivotkv", "qwen2_vl_retake"):  # the prefills forgotten_all_reduce reruns
         first, second = (r["forgotten"][case] for r in ranks)
         assert any(not torch.equal(a, b) for a, b in zip(first, second)), case
 

@@ -23,6 +23,9 @@ LLAMA = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_att
              vocab_size=128, max_position_embeddings=1024, pad_token_id=0, bos_token_id=1, eos_token_id=2)
 LLAMA_IMPL, QWEN_IMPL = "eager", "sdpa"
 PREFILL, CHUNK, RATIO = 96, 16, 0.25
+# force_pivots=False scores a pivot 1.0, among the chunk's scores (about 1.0 for the tiny Llama): keeping
+# 12 of 16, a chunk's pivot is kept, and would be evicted were the scores twice too large.
+UNFORCED_RATIO = 0.75
 QWEN_FRAMES = [8, 5]  # a left-padded batch of two videos of different lengths
 RETAKE = dict(frame_keep_ratio=0.75, kv_keep_ratio=0.25, chunk_frames=4, window=5)
 
@@ -92,13 +95,13 @@ def selections():
         yield calls
 
 
-def llama_pivotkv(model):
+def llama_pivotkv(model, keep_ratio=RATIO, force_pivots=True):
     """chunked_prefill of all but the last prompt token, its selections, the layers' kept positions,
     then generate()."""
     from retake_ops.hf import PivotKVCache, cache_arg, chunked_prefill, disable_pivotkv_attention
 
     ids, pivots = llama_inputs()
-    cache = PivotKVCache(keep_ratio=RATIO)
+    cache = PivotKVCache(keep_ratio=keep_ratio, force_pivots=force_pivots)
     with selections() as picked:
         last = chunked_prefill(model, ids[:, :PREFILL], cache=cache, chunk_size=CHUNK, pivot_mask=pivots)
     kept = [cache.kept_positions(layer).clone() for layer in range(len(cache.layers))]
@@ -134,6 +137,7 @@ def run_cases(llama, qwen):
         with torch.no_grad():
             ids, _ = llama_inputs()
             return {"llama": greedy(llama, input_ids=ids), "llama_pivotkv": llama_pivotkv(llama),
+                    "llama_pivotkv_unforced": llama_pivotkv(llama, UNFORCED_RATIO, force_pivots=False),
                     "qwen2_vl": greedy(qwen, **qwen_inputs()), "qwen2_vl_retake": qwen_retake(qwen)}
 
 
