@@ -92,7 +92,9 @@ clean:
 # The one prepared device run (README: GPU check): CUDA build, tests/gpu, compute-sanitizer, the
 # report and the compiled kernels' resources, all into one folder. GPU_PYTHON=python3 runs it in
 # that interpreter with the packages it has (no virtual environment, nothing downloaded).
-# ARGS="--dry-run" (or `make -n gpu-check`) checks every step without a GPU; ARGS="--out DIR".
+# Its build step installs the checkout editable into that Python, the dry run too, so nothing
+# needs `make install` first. ARGS="--dry-run" (or `make -n gpu-check`) checks every step
+# without a GPU; ARGS="--out DIR".
 GPU_PYTHON ?= $(PY)
 
 .PHONY: gpu-check

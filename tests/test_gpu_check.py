@@ -1,7 +1,10 @@
 """tools/gpu_check.py without a GPU: the step runner keeps logs and summary as it goes and
-stops a step at its limit, and the kernel table reads a Triton cache and tells which
-specializations CI compiles. (CI also runs the whole dry run: make gpu-check ARGS=--dry-run.)"""
+stops a step at its limit, the dry run installs the package as the real run does, and the
+kernel table reads a Triton cache and tells which specializations CI compiles. (CI also runs
+the whole dry run on a fresh checkout: make gpu-check ARGS=--dry-run.)"""
+import argparse
 import json
+import shutil
 import pathlib
 import sys
 
@@ -82,6 +85,41 @@ def test_dry_run_writes_the_summary_after_each_step(tmp_path):
     assert summary["steps"]["kernels"]["status"] == "passed" and summary["kernels"] == []
     assert summary["steps"]["aot"] == {"status": "skipped", "detail": "--skip", "seconds": 0.0}
     assert "===== env =====" in (tmp_path / "gpu_check.log").read_text()
+
+
+def test_dry_run_builds_and_installs_as_the_real_run_does(tmp_path, monkeypatch):
+    """tests, sanitizer, report, kernels and aot import the installed retake_ops: the dry run's
+    build step runs the real run's pip install (only CUDA is not forced), and an install that
+    does not import fails it. The install itself is stubbed here; CI runs it."""
+    calls = []
+
+    def run_logged(argv, log, limit, env=None):
+        calls.append((argv, env))
+        return "passed", "exit 0"
+
+    info = {"ops": {"dpselect": {"cpu": "C++", "cuda": "reference"}}}
+    monkeypatch.setattr(gpu_check, "run_logged", run_logged)
+    monkeypatch.setattr(gpu_check, "installed_build_info", lambda python: (info, ""))
+    monkeypatch.setattr(gpu_check.shutil, "which", lambda name: f"/usr/bin/{name}")  # nvcc and all found
+    monkeypatch.delenv("RETAKE_OPS_BUILD_CUDA", raising=False)
+
+    def build(dry_run):
+        ctx = gpu_check.Context(argparse.Namespace(dry_run=dry_run, python=sys.executable, out=str(tmp_path)))
+        shutil.rmtree(ctx.cache)
+        return gpu_check.step_build(ctx, tmp_path / "gpu_check.log", 240), ctx.summary
+
+    (real, real_summary), (dry, dry_summary) = build(dry_run=False), build(dry_run=True)
+    (real_argv, real_env), (dry_argv, dry_env) = calls[-2:]
+    assert real_argv == dry_argv == [sys.executable, "-m", "pip", "install", "--no-index", "--no-build-isolation",
+                                     "--no-deps", "-e", "."]
+    assert real_env["RETAKE_OPS_BUILD_CUDA"] == "1" and "RETAKE_OPS_BUILD_CUDA" not in dry_env
+    assert real == ("passed", "exit 0") and dry == ("passed", "exit 0 (dry run: C++ CPU kernels, as this torch allows)")
+    assert real_summary["build_info"] == dry_summary["build_info"] == info
+
+    monkeypatch.setattr(gpu_check, "installed_build_info",
+                        lambda python: (None, "ModuleNotFoundError: No module named 'retake_ops'"))
+    assert build(dry_run=True)[0] == ("failed", "installed, but retake_ops does not import: "
+                                                "ModuleNotFoundError: No module named 'retake_ops'")
 
 
 def test_out_of_time_steps_are_skipped(tmp_path):

@@ -2,13 +2,15 @@
 compiled kernels' resources, each step's output written into one folder as it goes.
 
     python tools/gpu_check.py [--out DIR] [--budget SECONDS] [--skip STEP ...]
-    python tools/gpu_check.py --dry-run      # without a GPU: every step's imports and arguments
+    python tools/gpu_check.py --dry-run      # without a GPU: the build, then every step's imports and arguments
 
 Steps, in this order; a step whose tool is missing is skipped and says why, a step that
 fails or runs out of time does not stop the next:
   env        versions (python, torch and its CUDA, triton, transformers), nvidia-smi, nvcc
   build      pip install --no-index --no-build-isolation --no-deps -e . with CUDA kernels
-             (MAX_JOBS = the machine's cores); nothing is fetched
+             (MAX_JOBS = the machine's cores); nothing is fetched. Every later step imports
+             the package it installs, so the dry run builds too: the kernels its torch
+             allows (the C++ CPU kernels with a CPU torch)
   tests      pytest tests/gpu, a per-test timeout and 8 workers where pytest-timeout and
              pytest-xdist are installed
   sanitizer  compute-sanitizer memcheck over tools/kernel_smoke.py: every CUDA and Triton
@@ -114,25 +116,41 @@ def step_env(ctx, log, limit):
     return status, detail
 
 
+def build_command(python: str, dry_run: bool) -> tuple[list[str], dict]:
+    """The build step's pip command and environment: the checkout installed editable into the
+    Python that runs the steps, retake_ops._C compiled in place, nothing fetched. The dry run
+    runs the same command, since every later step imports the package it installs; it only
+    leaves the kernels to what the Python's torch and nvcc allow (C++ CPU kernels with a CPU
+    torch), where the real run insists on CUDA when nvcc is found."""
+    env = dict(os.environ, MAX_JOBS=str(os.cpu_count() or 1), PIP_BREAK_SYSTEM_PACKAGES="1")
+    if shutil.which("nvcc") and not dry_run:
+        env["RETAKE_OPS_BUILD_CUDA"] = "1"  # fail loudly rather than build CPU kernels only
+    return [python, "-m", "pip", "install", "--no-index", "--no-build-isolation", "--no-deps", "-e", "."], env
+
+
+def installed_build_info(python: str) -> tuple[dict | None, str]:
+    """retake_ops.build_info() of the package `python` imports away from the checkout, or
+    (None, the last line of the error)."""
+    info = subprocess.run([python, "-c", "import json, retake_ops; print(json.dumps(retake_ops.build_info()))"],
+                          capture_output=True, text=True, cwd=tempfile.gettempdir())
+    if info.returncode == 0:
+        return json.loads(info.stdout.strip().splitlines()[-1]), ""
+    return None, (info.stderr.strip().splitlines() or [f"exit {info.returncode}"])[-1]
+
+
 def step_build(ctx, log, limit):
     if not has_module(ctx.python, "pip"):
         return "skipped", f"no pip in {ctx.python}"
-    if ctx.dry_run:
-        probe = ("import torch\nfrom torch.utils.cpp_extension import CUDA_HOME\n"
-                 "print('torch', torch.__version__, 'cuda', torch.version.cuda, 'CUDA_HOME', CUDA_HOME)")
-        status, detail = run_logged([ctx.python, "-c", probe], log, limit)
-        if status == "passed" and not (ROOT / "setup.py").exists():
-            return "failed", "setup.py not found"
-        return status, "dry run: torch and its extension builder import; nothing built"
-    env = dict(os.environ, MAX_JOBS=str(os.cpu_count() or 1), PIP_BREAK_SYSTEM_PACKAGES="1")
-    if shutil.which("nvcc"):
-        env["RETAKE_OPS_BUILD_CUDA"] = "1"  # fail loudly rather than build CPU kernels only
-    status, detail = run_logged([ctx.python, "-m", "pip", "install", "--no-index", "--no-build-isolation",
-                                 "--no-deps", "-e", "."], log, limit, env)
-    info = subprocess.run([ctx.python, "-c", "import json, retake_ops; print(json.dumps(retake_ops.build_info()))"],
-                          capture_output=True, text=True, cwd=tempfile.gettempdir())
-    if info.returncode == 0:
-        ctx.summary["build_info"] = json.loads(info.stdout.strip().splitlines()[-1])
+    argv, env = build_command(ctx.python, ctx.dry_run)
+    status, detail = run_logged(argv, log, limit, env)
+    info, error = installed_build_info(ctx.python)
+    if info is not None:
+        ctx.summary["build_info"] = info
+    elif status == "passed":
+        return "failed", f"installed, but retake_ops does not import: {error}"
+    if ctx.dry_run and info is not None:
+        cuda = any(kinds["cuda"] == "CUDA" for kinds in info["ops"].values())
+        return status, f"{detail} (dry run: {'C++ and CUDA' if cuda else 'C++ CPU'} kernels, as this torch allows)"
     return status, detail if shutil.which("nvcc") else detail + " (no nvcc: CPU kernels only)"
 
 
