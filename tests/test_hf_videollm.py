@@ -606,11 +606,13 @@ def test_one_d_reforging_runs_through_the_llava_pipeline():
         assert_same_run(generate(model, inputs), plain)
     with apply_retake(model, kv_keep_ratio=0.5, chunk_frames=2):
         evicted = generate(model, inputs)
-    with apply_retake(model, kv_keep_ratio=0.5, chunk_frames=2, reforge_positions=True) as handle:
+    with apply_retake(model, kv_keep_ratio=0.5, chunk_frames=2, reforge_positions=True):
         reforged = generate(model, inputs)
+        out = model(**inputs)
     assert (reforged[1] - evicted[1]).abs().max() > 1e-4
     # 6 frames of 4 tokens in 3 chunks of 2 frames: each chunk keeps 4 of 8, so later tokens run 12 earlier.
-    assert handle.report is not None
+    cache = out["cache"] if "cache" in out else out["past_key_values"]
+    assert cache.position_shift.tolist() == [12, 12]
 
 
 # ---------------------------------------------------------------------------------------
