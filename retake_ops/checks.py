@@ -40,9 +40,9 @@ def check_rank(op: str, name: str, t: Tensor, rank: int, layout: str) -> None:
 
 
 def _scalar(value):
-    """A 0-d tensor as the Python number it holds (other values as they are): a tensor is as good a
-    number as numpy's or Python's."""
-    return value.item() if isinstance(value, torch.Tensor) and value.dim() == 0 else value
+    """A 0-d tensor or array as the Python number it holds (other values as they are): a tensor is as
+    good a number as numpy's or Python's."""
+    return value.item() if getattr(value, "ndim", None) == 0 and hasattr(value, "item") else value
 
 
 def check_int(op: str, name: str, value, minimum: int | None = None) -> int:

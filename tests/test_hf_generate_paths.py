@@ -17,9 +17,10 @@ import pickle
 
 import pytest
 import torch
-from transformers import DynamicCache, StaticCache
+from transformers import DynamicCache, GenerationConfig, StaticCache
 
-from retake_ops.hf import PivotKVCache, RetakeConfig, apply_retake, apply_retake_to_qwen2_vl, cache_arg, chunked_prefill
+from retake_ops.hf import (MODEL_TYPE_TO_APPLY_FN, PivotKVCache, RetakeConfig, apply_retake, apply_retake_to_qwen2_vl,
+                           cache_arg, chunked_prefill)
 from test_hf_pivotkv import build as build_decoder
 from test_hf_videollm import TOL, case
 from videollm_tiny import BUILDERS, VEND, VSTART, build, frame_columns, make_inputs, make_videos
@@ -40,7 +41,8 @@ RUNS = {
     "sampled-copies": dict(do_sample=True, top_k=4, num_return_sequences=2, output_scores=True, output_logits=True,
                            return_dict_in_generate=True),
 }
-TEXT_ONLY = [dict(use_cache=False), dict(cache_implementation="static"), dict(prefill_chunk_size=2)]
+# prefill_chunk_size on text is left out: transformers 5.17's Qwen models fail it unpatched.
+TEXT_ONLY = [dict(use_cache=False), dict(cache_implementation="static")]
 
 REFUSED = {
     "no-cache": (dict(use_cache=False), r"use_cache=False with videos: .* drop use_cache=False"),
@@ -49,6 +51,8 @@ REFUSED = {
     "offloaded": (dict(cache_implementation="offloaded"), r"cache_implementation='offloaded' with videos"),
     "prefill-chunks": (dict(prefill_chunk_size=16), r"prefill_chunk_size=16 with videos: .* "
                                                     r"RetakeConfig\(chunk_frames=\.\.\.\)"),
+    "prompt-lookup": (dict(prompt_lookup_num_tokens=2), r"assisted generation \(assistant_model, "
+                                                         r"prompt_lookup_num_tokens, assistant_early_exit\) with videos"),
     "static-cache": ("static", r"got a StaticCache for a prompt with videos; .* Pass no cache and no "
                                r"cache_implementation"),
     "offloaded-cache": ("offloaded", r"got a DynamicCache with offloading for a prompt with videos"),
@@ -124,6 +128,37 @@ def test_generate_options_equal_the_unpatched_model_or_are_refused_by_name(famil
         assert handle.prefills == len(RUNS)
         for options, w in zip(TEXT_ONLY, want_text):
             assert torch.equal(model.generate(**text, max_new_tokens=STEPS, do_sample=False, **options), w)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_the_class_level_patch_serves_the_same_options(family):
+    """A class-level patch repeats each row's videos for beams and returned sequences as the instance
+    patch does (on transformers 5.24, where generate() no longer encodes videos itself)."""
+    model = build(family, "sdpa")
+    _, inputs = case(family, 2)
+    want = {name: run(model, inputs, RUNS[name]) for name in ("beams", "sampled-copies")}
+    handle = MODEL_TYPE_TO_APPLY_FN[family](config=ALL_ONE)
+    try:
+        for name, w in want.items():
+            assert_same_outputs(run(model, inputs, RUNS[name]), w)
+        assert handle.prefills == 2
+    finally:
+        handle.remove()
+
+
+def test_options_are_read_as_generate_reads_them():
+    """A passed GenerationConfig leaves unset fields to the model's generation_config, as generate()
+    does; a Hub config's cache_implementation="hybrid", which generate() treats as none, runs."""
+    model = build("qwen2_vl", "sdpa")
+    _, inputs = case("qwen2_vl", 2)
+    want = run(model, inputs, RUNS["greedy"])
+    with apply_retake(model, ALL_ONE):
+        model.generation_config.prefill_chunk_size = 8
+        with pytest.raises(ValueError, match=r"^apply_retake: prefill_chunk_size=8 with videos"):
+            model.generate(**inputs, generation_config=GenerationConfig(max_new_tokens=STEPS))
+        model.generation_config.prefill_chunk_size = None
+        model.generation_config.cache_implementation = "hybrid"
+        assert_same_outputs(run(model, inputs, RUNS["greedy"] | {"cache_implementation": None}), want)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -241,6 +276,36 @@ def test_a_copy_under_a_class_level_patch_is_another_patched_model():
         handle.remove()
     assert_unpatched(model)
     assert_unpatched(clone)
+
+
+def test_wrappers_around_the_patched_forward():
+    """A forward hook that wraps the model before a class-level patch would bypass it: generate() says so
+    instead of returning the unpatched answer. One added after an instance patch keeps working, and after
+    remove() it runs the unpatched model, also once the hook is gone."""
+    from accelerate.hooks import ModelHook, add_hook_to_module, remove_hook_from_module
+
+    model = build("qwen2_vl", "sdpa")
+    _, inputs = case("qwen2_vl", 2)
+    want = greedy(model, inputs)
+    add_hook_to_module(model, ModelHook())
+    handle = apply_retake_to_qwen2_vl(config=ALL_ONE)
+    try:
+        with pytest.raises(RuntimeError, match=r"never reached the patched forward, so its answer is the "
+                                               r"unpatched model's: .* apply_retake\(model, \.\.\.\)"):
+            greedy(model, inputs)
+    finally:
+        handle.remove()
+    remove_hook_from_module(model)
+    handle = apply_retake(model, kv_keep_ratio=0.5, chunk_frames=4)
+    add_hook_to_module(model, ModelHook())
+    assert (greedy(model, inputs)["logits"] - want["logits"]).abs().max() > 1e-3, "the patch changes nothing"
+    handle.remove()
+    assert_same_outputs(greedy(model, inputs), want)
+    remove_hook_from_module(model)  # puts back the forward it wrapped: the patch's, which now passes through
+    assert_same_outputs(greedy(model, inputs), want)
+    assert_same_outputs(greedy(copy.deepcopy(model), inputs), want)
+    assert handle.prefills == 1
+    assert "_retake_pivotkv_switch" not in model.__dict__ and model.config.text_config._attn_implementation == "sdpa"
 
 
 @pytest.mark.parametrize("family", FAMILIES)

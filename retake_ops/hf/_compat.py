@@ -17,6 +17,7 @@ import torch
 import transformers
 from packaging.version import Version
 from transformers import AttentionInterface
+from transformers.generation.configuration_utils import GenerationMode
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
@@ -58,6 +59,17 @@ def pre_encodes_vision(forward) -> bool:
     """Whether generate() runs a model's vision tower itself before the prefill (5.24 on: its forward
     takes mm_encoder_outputs) instead of passing pixel values to the forward."""
     return "mm_encoder_outputs" in inspect.signature(forward).parameters
+
+
+def generation_config(model, passed, kwargs: dict):
+    """The GenerationConfig a generate(generation_config=passed, **kwargs) call runs with: the passed
+    config (or the model's), the model's values where it leaves them unset, then the kwargs."""
+    return model._prepare_generation_config(passed, **kwargs)[0]
+
+
+def is_assisted(config, assistant_model) -> bool:
+    """Whether generate() runs assisted decoding (an assistant model, prompt lookup or early exit)."""
+    return config.get_generation_mode(assistant_model) == GenerationMode.ASSISTED_GENERATION
 
 
 # GenerationMixin's hook that repeats every input for beams and several returned sequences.

@@ -2,24 +2,26 @@
 
 A warning raised deep inside a prefill (the pivot overflow, an unplanned PivotKVCache) is about
 the caller's call (`model.generate(...)`, `chunked_prefill(...)`), which reaches retake_ops through
-a varying number of transformers and torch frames; a fixed stacklevel would point inside one of
-them. `warn` counts the frames of those packages and of retake_ops itself and skips them all.
+a varying number of transformers, torch or accelerate frames; a fixed stacklevel would point inside
+one of them. `warn` skips every frame of those packages and of retake_ops itself.
 """
 from __future__ import annotations
 
+import importlib.util
 import os
 import sys
 import warnings
 
-import torch
-import transformers
-
-_PACKAGES = tuple(os.path.dirname(path) + os.sep for path in
-                  (os.path.dirname(os.path.abspath(__file__)), transformers.__file__, torch.__file__))
+# retake_ops, and what may stand between it and the caller: transformers, torch, and the wrappers that
+# hook a model's forward (accelerate's device_map hooks, peft). Found without importing them.
+_PACKAGES = tuple(os.path.dirname(spec.origin) + os.sep for spec in
+                  (importlib.util.find_spec(name) for name in ("retake_ops", "transformers", "torch", "accelerate",
+                                                               "peft"))
+                  if spec is not None and spec.origin is not None)
 
 
 def warn(message: str, category: type[Warning] = UserWarning) -> None:
-    """warnings.warn(message, category) attributed to the first frame outside retake_ops, transformers and torch."""
+    """warnings.warn(message, category) attributed to the first frame outside those packages."""
     frame, level = sys._getframe(0), 1
     while frame.f_back is not None and os.path.abspath(frame.f_code.co_filename).startswith(_PACKAGES):
         frame, level = frame.f_back, level + 1

@@ -141,20 +141,22 @@ class RetakeHandle:
         self.prefills = 0
         self._models = weakref.WeakSet()
         self._checked = weakref.WeakSet()
-        self._restore: list[tuple[object, str, object]] = []  # (owner, attribute, previous or copies.ABSENT)
+        # (owner, attribute, previous or copies.ABSENT, the value the patch set)
+        self._restore: list[tuple[object, str, object, object]] = []
         self.active = False
 
     def _set(self, owner, name: str, value) -> None:
         """owner.name = value, remembering what remove() puts back (or deletes)."""
-        self._restore.append((owner, name, owner.__dict__.get(name, copies.ABSENT)))
+        self._restore.append((owner, name, owner.__dict__.get(name, copies.ABSENT), value))
         setattr(owner, name, value)
 
     def _wrap(self, name: str, make) -> None:
         """Replace method `name` of the target by make(original): original(model) is the method it
-        replaces, bound to `model`. An instance patch binds to the target itself, which is why its
-        copies must not keep the patch (retake_ops.hf.copies)."""
+        replaces, bound to `model`. An instance patch holds the target itself, which is why its copies
+        must not keep the patch (retake_ops.hf.copies)."""
         found = getattr(self.target, name)
-        if self.instance:
+        bound_to_target = isinstance(found, types.MethodType) and found.__self__ is self.target
+        if self.instance and not bound_to_target:  # an instance attribute of its own (e.g. another wrapper's)
             def original(model):
                 return found
         else:
@@ -163,7 +165,16 @@ class RetakeHandle:
             def original(model):
                 return types.MethodType(function, model)
 
-        patched = make(original)
+        wrapped = make(original)
+
+        # Once removed, a patched method that something else still holds (a wrapper installed after
+        # the patch, e.g. accelerate's hooks) is the original again.
+        def patched(model, *args, **kwargs):
+            if not self.active:
+                return original(model)(*args, **kwargs)
+            return wrapped(model, *args, **kwargs)
+
+        patched.__signature__ = getattr(wrapped, "__signature__", inspect.signature(wrapped))
         setattr(patched, _MARK, self)
         patched.__doc__ = getattr(found, "__doc__", None)
         self._set(self.target, name, types.MethodType(patched, self.target) if self.instance else patched)
@@ -175,6 +186,7 @@ class RetakeHandle:
             raise ValueError(f"apply_retake: {self._name()} is already patched; remove() that handle first")
         forward_signature = inspect.signature(cls.forward)
         generate_signature = inspect.signature(cls.generate)
+        pre_encodes = _compat.pre_encodes_vision(cls.forward)  # read before the patched forward hides it
 
         def make_forward(original):
             def forward(model, *args, **kwargs):
@@ -201,16 +213,26 @@ class RetakeHandle:
         def make_generate(original):
             def generate(model, *args, **kwargs):
                 named = _named(generate_signature, (model, *args), kwargs)
-                if handle.family.has_video(named):
-                    check_generate_options(model, named)
-                return original(model)(*args, **kwargs)
+                if not handle.family.has_video(named):
+                    return original(model)(*args, **kwargs)
+                check_generate_options(model, generate_signature, (model, *args), kwargs)
+                cache = _compat.cache_from_kwargs(named)
+                prefills = handle.prefills
+                out = original(model)(*args, **kwargs)
+                if handle.prefills == prefills and (cache is None or cache.get_seq_length() == 0):
+                    raise RuntimeError(
+                        f"apply_retake: generate() on {type(model).__name__} never reached the patched forward, so "
+                        "its answer is the unpatched model's: something replaced model.forward before the class was "
+                        "patched (e.g. accelerate's device_map hooks); patch the model itself with "
+                        "apply_retake(model, ...)")
+                return out
 
             generate.__signature__ = generate_signature
             return generate
 
         self._wrap("forward", make_forward)
         self._wrap("generate", make_generate)
-        if _compat.pre_encodes_vision(cls.forward) and self.family.video_inputs:
+        if pre_encodes and self.family.video_inputs:
             # generate() no longer encodes the videos itself, so their inputs reach its generic
             # row-wise repeat for beams and several sequences: the family repeats them per video.
             def make_expand(original):
@@ -229,7 +251,7 @@ class RetakeHandle:
 
             self._wrap(_compat.EXPAND_HOOK, make_expand)
         if self.instance:
-            copies.hold(target, self, {name: earlier for owner, name, earlier in self._restore if owner is target})
+            copies.hold(target, self, {name: earlier for owner, name, earlier, _ in self._restore if owner is target})
         self.active = True
 
     def _name(self) -> str:
@@ -245,7 +267,9 @@ class RetakeHandle:
         """Restore the original forward, generate (and generation hook) and attention implementation (idempotent)."""
         if not self.active:
             return
-        for owner, name, previous in reversed(self._restore):
+        for owner, name, previous, value in reversed(self._restore):
+            if owner.__dict__.get(name) is not value:
+                continue  # replaced since: what replaced it still calls ours, which now passes straight through
             if previous is copies.ABSENT:
                 delattr(owner, name)
             else:
@@ -322,28 +346,31 @@ def check_prefill_call(model, named: dict, cache) -> None:
                          f"length], got {got}")
 
 
-def check_generate_options(model, named: dict) -> None:
-    """ValueError, before generate() does any work, for generation options (arguments, or the
-    generation_config's) that the ReTaKe prefill cannot serve on a prompt with videos."""
-    config = named.get("generation_config") or model.generation_config
-
-    def option(name):
-        return named[name] if name in named else getattr(config, name, None)
-
-    if option("use_cache") is False:
+def check_generate_options(model, signature: inspect.Signature, args: tuple, kwargs: dict) -> None:
+    """ValueError, before generate() does any work, for generation options that the ReTaKe prefill cannot
+    serve on a prompt with videos: generate(*args, **kwargs)'s arguments merged with the passed and the
+    model's generation_config as generate() merges them."""
+    bound = signature.bind_partial(*args, **kwargs).arguments
+    extra = next((bound.get(p.name, {}) for p in signature.parameters.values()
+                  if p.kind is inspect.Parameter.VAR_KEYWORD), {})
+    config = _compat.generation_config(model, bound.get("generation_config"), extra)
+    if config.use_cache is False:
         raise ValueError(_NO_CACHE)
-    implementation = option("cache_implementation")
-    if implementation not in _CACHE_IMPLEMENTATIONS:
-        raise ValueError(f"apply_retake: cache_implementation={implementation!r} with videos: the ReTaKe prefill "
-                         "returns its own PivotKVCache, which drops evicted video tokens, and decoding continues on "
-                         "it; drop cache_implementation (or pass 'dynamic')")
-    chunk = option("prefill_chunk_size")
-    if chunk is not None:
-        raise ValueError(f"apply_retake: prefill_chunk_size={chunk!r} with videos: generate() would split the "
-                         "prompt, videos included, into token chunks, while the ReTaKe prefill already chunks the "
-                         "video by frames; drop prefill_chunk_size and bound the prefill's memory with "
-                         "RetakeConfig(chunk_frames=...)")
-    cache = _compat.cache_from_kwargs(named)
+    if config.cache_implementation not in _CACHE_IMPLEMENTATIONS:
+        raise ValueError(f"apply_retake: cache_implementation={config.cache_implementation!r} with videos: the ReTaKe "
+                         "prefill returns its own PivotKVCache, which drops evicted video tokens, and decoding "
+                         "continues on it; drop cache_implementation (or pass 'dynamic')")
+    if config.prefill_chunk_size is not None:
+        raise ValueError(f"apply_retake: prefill_chunk_size={config.prefill_chunk_size!r} with videos: generate() "
+                         "would split the prompt, videos included, into token chunks, while the ReTaKe prefill "
+                         "already chunks the video by frames; drop prefill_chunk_size and bound the prefill's "
+                         "memory with RetakeConfig(chunk_frames=...)")
+    if _compat.is_assisted(config, bound.get("assistant_model")):
+        raise ValueError("apply_retake: assisted generation (assistant_model, prompt_lookup_num_tokens, "
+                         "assistant_early_exit) with videos: its first forward feeds the candidate tokens with the "
+                         "prompt, which the ReTaKe prefill would take for part of the question it scores the video "
+                         "with; drop the assistant")
+    cache = _compat.cache_from_kwargs(extra)
     if cache is not None and cache.get_seq_length() == 0:
         check_cache(cache)
 
