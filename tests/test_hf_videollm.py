@@ -477,7 +477,7 @@ def test_precomputed_video_features_are_rejected():
 @pytest.mark.parametrize("field, value, message", [
     ("frame_keep_ratio", 0.0, r"frame_keep_ratio must be a real number in \(0, 1\], got 0.0 \(float\)"),
     ("frame_keep_ratio", 1.5, r"frame_keep_ratio must be a real number in \(0, 1\], got 1.5 \(float\)"),
-    ("frame_keep_ratio", np.float32(1.5), r"frame_keep_ratio must be a real number in \(0, 1\], got np.float32\(1.5\) \(float32\)"),
+    ("frame_keep_ratio", np.float32(1.5), r"frame_keep_ratio must be a real number in \(0, 1\], got 1.5 \(float\)"),
     ("frame_keep_ratio", torch.tensor([0.5]), r"frame_keep_ratio must be a real number in \(0, 1\], got tensor"),
     ("kv_keep_ratio", -0.1, r"kv_keep_ratio must be a real number in \(0, 1\], got -0.1 \(float\)"),
     ("kv_keep_ratio", True, r"kv_keep_ratio must be a real number in \(0, 1\], got True \(bool\)"),
