@@ -9,7 +9,8 @@ sees of a video with those frames alone.
 import torch
 from transformers import (LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration, Qwen2_5_VLConfig,
                           Qwen2_5_VLForConditionalGeneration, Qwen2VLConfig, Qwen2VLForConditionalGeneration,
-                          Qwen3VLConfig, Qwen3VLForConditionalGeneration)
+                          Qwen3VLConfig, Qwen3VLForConditionalGeneration, Qwen3VLMoeConfig,
+                          Qwen3VLMoeForConditionalGeneration)
 
 VOCAB = 160
 IMAGE, VIDEO, VSTART, VEND = 150, 151, 152, 153
@@ -45,6 +46,19 @@ def qwen3_vl(impl, **text):
     return Qwen3VLForConditionalGeneration(config)
 
 
+def qwen3_vl_moe(impl, **text):
+    """Qwen3-VL's vision tower and layout (transformers' processing_auto maps qwen3_vl_moe to
+    Qwen3VLProcessor, so make_inputs writes Qwen3-VL's units); every decoder layer's MLP is 4 experts,
+    2 per token."""
+    vision = dict(QWEN_VISION, depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
+                  num_position_embeddings=16, deepstack_visual_indexes=[0])
+    rope = dict(MROPE, mrope_interleaved=True)
+    moe = dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, decoder_sparse_step=1)
+    config = Qwen3VLMoeConfig(text_config=dict(TEXT, head_dim=16, rope_parameters=rope, **moe, **text),
+                              vision_config=vision, attn_implementation=impl, **QWEN_IDS)
+    return Qwen3VLMoeForConditionalGeneration(config)
+
+
 def llava_onevision(impl, **text):
     vision = dict(model_type="siglip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                   num_attention_heads=2, image_size=8, patch_size=2)
@@ -54,9 +68,10 @@ def llava_onevision(impl, **text):
     return LlavaOnevisionForConditionalGeneration(config)
 
 
-BUILDERS = {"qwen2_vl": qwen2_vl, "qwen2_5_vl": qwen2_5_vl, "qwen3_vl": qwen3_vl,
+BUILDERS = {"qwen2_vl": qwen2_vl, "qwen2_5_vl": qwen2_5_vl, "qwen3_vl": qwen3_vl, "qwen3_vl_moe": qwen3_vl_moe,
             "llava_onevision": llava_onevision}
-QWEN = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
+QWEN = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe")
+TIMESTAMPED = ("qwen3_vl", "qwen3_vl_moe")  # one "<t seconds> <|vision_start|> ... <|vision_end|>" unit per group
 GRID = 4  # Qwen: a frame is GRID x GRID patches -> GRID**2 / 4 tokens
 LLAVA_TOKENS = 4  # LLaVA-OneVision: pooled tokens per 8 x 8 frame
 
@@ -99,7 +114,7 @@ def make_inputs(family, videos, prompts=None, questions=None, keep=None):
         ids = list(prompts[b])
         if family in QWEN:
             per = tokens_per_frame(family)
-            if family == "qwen3_vl":
+            if family in TIMESTAMPED:
                 ids += [VSTART]
                 for _ in frames:
                     ids += list(TIMESTAMP) + [VSTART] + [VIDEO] * per + [VEND]
@@ -138,7 +153,7 @@ def frame_columns(family, inputs, row):
     out = []
     for j in range(n_frames):
         tokens = video[j * per:(j + 1) * per]
-        if family == "qwen3_vl":
+        if family in TIMESTAMPED:
             unit = list(range(tokens[0] - 1 - len(TIMESTAMP), tokens[-1] + 2))
         else:
             unit = tokens

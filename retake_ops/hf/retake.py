@@ -406,6 +406,11 @@ def apply_retake_to_qwen3_vl(model=None, config: RetakeConfig | None = None, **o
     return _apply("qwen3_vl", model, config, overrides)
 
 
+def apply_retake_to_qwen3_vl_moe(model=None, config: RetakeConfig | None = None, **overrides) -> RetakeHandle:
+    """ReTaKe for Qwen3-VL-MoE: patch `model`, or with model=None the class (every model, also later ones)."""
+    return _apply("qwen3_vl_moe", model, config, overrides)
+
+
 def apply_retake_to_llava_onevision(model=None, config: RetakeConfig | None = None, **overrides) -> RetakeHandle:
     """ReTaKe for LLaVA-OneVision: patch `model`, or with model=None the class (every model, also later ones)."""
     return _apply("llava_onevision", model, config, overrides)
@@ -415,6 +420,7 @@ MODEL_TYPE_TO_APPLY_FN = {
     "qwen2_vl": apply_retake_to_qwen2_vl,
     "qwen2_5_vl": apply_retake_to_qwen2_5_vl,
     "qwen3_vl": apply_retake_to_qwen3_vl,
+    "qwen3_vl_moe": apply_retake_to_qwen3_vl_moe,
     "llava_onevision": apply_retake_to_llava_onevision,
 }
 

@@ -4,8 +4,9 @@ from .llava_onevision import LlavaOnevisionFamily
 from .qwen2_5_vl import Qwen2_5_VLFamily
 from .qwen2_vl import Qwen2VLFamily
 from .qwen3_vl import Qwen3VLFamily
+from .qwen3_vl_moe import Qwen3VLMoeFamily
 
 FAMILIES = {family.name: family for family in (Qwen2VLFamily(), Qwen2_5_VLFamily(), Qwen3VLFamily(),
-                                              LlavaOnevisionFamily())}
+                                              Qwen3VLMoeFamily(), LlavaOnevisionFamily())}
 
 __all__ = ["FAMILIES", "Frame", "Video", "VideoFamily"]
