@@ -59,6 +59,27 @@ REFUSED = {
 }
 
 
+def attempt(model, inputs, options):
+    """run(), or the ValueError the model's own generate() raises on these options."""
+    try:
+        return run(model, inputs, options)
+    except ValueError as error:
+        return error
+
+
+# Families whose own generate() fails on some of RUNS: GLM-4.1V's beams and returned sequences on
+# transformers 5.24 repeat no video features ("torch.cat(): expected a non-empty list of Tensors").
+OWN_GENERATE_FAILS = ("glm4v",)
+
+
+def assert_no_worse(got, want, family):
+    """The patched run equals the unpatched one, or, where the model's own generate() fails, it ran."""
+    if isinstance(want, ValueError):
+        assert family in OWN_GENERATE_FAILS, want
+        return
+    assert_same_outputs(got, want)
+
+
 def run(model, inputs, options):
     torch.manual_seed(0)
     out = model.generate(**inputs, max_new_tokens=STEPS, **options)
@@ -111,13 +132,13 @@ class Calls:
 def test_generate_options_equal_the_unpatched_model_or_are_refused_by_name(family, impl):
     model = build(family, impl)
     _, inputs = case(family, 2)
-    want = {name: run(model, inputs, options) for name, options in RUNS.items()}
+    want = {name: attempt(model, inputs, options) for name, options in RUNS.items()}
     # Text-only prompts never meet the ReTaKe prefill: every option runs as it does unpatched.
     text = {"input_ids": inputs["input_ids"][:, -4:], "attention_mask": inputs["attention_mask"][:, -4:]}
     want_text = [model.generate(**text, max_new_tokens=STEPS, do_sample=False, **o) for o in TEXT_ONLY]
     with apply_retake(model, ALL_ONE) as handle:
         for name, options in RUNS.items():
-            assert_same_outputs(run(model, inputs, options), want[name])
+            assert_no_worse(run(model, inputs, options), want[name], family)
         assert handle.prefills == len(RUNS)
         for name, (options, message) in REFUSED.items():
             if isinstance(options, str):
@@ -136,11 +157,11 @@ def test_the_class_level_patch_serves_the_same_options(family):
     patch does (on transformers 5.24, where generate() no longer encodes videos itself)."""
     model = build(family, "sdpa")
     _, inputs = case(family, 2)
-    want = {name: run(model, inputs, RUNS[name]) for name in ("beams", "sampled-copies")}
+    want = {name: attempt(model, inputs, RUNS[name]) for name in ("beams", "sampled-copies")}
     handle = MODEL_TYPE_TO_APPLY_FN[family](config=ALL_ONE)
     try:
         for name, w in want.items():
-            assert_same_outputs(run(model, inputs, RUNS[name]), w)
+            assert_no_worse(run(model, inputs, RUNS[name]), w, family)
         assert handle.prefills == 2
     finally:
         handle.remove()

@@ -22,6 +22,7 @@ from retake_ops.hf.reforge import model_rope
 from test_hf_pivotkv import COMMON, generate_positions, keep_tokens, random_pivots
 from test_hf_pivotkv import build as build_model
 from test_hf_videollm import case
+from retake_ops.hf.models import FAMILIES
 from videollm_tiny import QWEN, frame_columns
 from videollm_tiny import build as build_videollm
 
@@ -287,7 +288,7 @@ def test_left_padded_batch_with_protected_span_equals_oracle(impl):
 @pytest.mark.filterwarnings("ignore:PivotKV. pivot tokens outnumber")
 @pytest.mark.parametrize("batch", [1, 2])
 @pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("family", QWEN)
+@pytest.mark.parametrize("family", [f for f in QWEN if FAMILIES[f].supports_reforge])
 def test_mrope_reforging_moves_only_the_kept_video_tokens_temporal_position(family, impl, batch):
     """In each row and video chunk of n video tokens, keep_tokens(n, ratio) = k are held and the temporal
     position t of each becomes t0 + (t - t0) * k // n, t0 the smallest among them; every other held token

@@ -21,7 +21,7 @@ import retake_ops
 from retake_ops.hf import (MODEL_TYPE_TO_APPLY_FN, PivotKVCache, RetakeConfig, apply_retake, apply_retake_to_qwen2_vl,
                            apply_retake_to_llava_onevision, cache_arg)
 from hf_oracle import HIDE, hiding
-from videollm_tiny import (BUILDERS, QWEN, TEXT, VIDEO, build, frame_columns, make_inputs, make_videos,
+from videollm_tiny import (BUILDERS, QWEN, TEXT, VIDEO, build, frame_columns, make_inputs, make_videos, video_mask,
                            tokens_per_frame)
 
 # transformers' own deprecations must not come out of retake_ops' calls; random features make pivots
@@ -34,7 +34,7 @@ FAMILIES = list(BUILDERS)
 IMPLS = ["eager", "sdpa"]
 STEPS = 5
 FRAMES = {"qwen2_vl": [[8], [8, 5]], "qwen2_5_vl": [[8], [8, 5]], "qwen3_vl": [[7], [7, 4]],
-          "qwen3_vl_moe": [[7], [7, 4]], "llava_onevision": [[6], [6, 6]]}
+          "qwen3_vl_moe": [[7], [7, 4]], "glm4v": [[7], [7, 4]], "llava_onevision": [[6], [6, 6]]}
 PROMPTS = {1: [[5, 6, 7]], 2: [[5, 6, 7], [5, 6, 7, 8, 9, 10, 11]]}
 QUESTIONS = {1: [[20, 21, 22, 23]], 2: [[20, 21, 22, 23], [24, 25, 26]]}
 
@@ -102,7 +102,7 @@ def oracle_run(model, impl, family, full, short, keep, report, chunk_groups):
             for c in range(n):
                 if slots[b][c] >= 0:
                     ends[int(chunk[c])] = c
-            video = (short["input_ids"][b] == VIDEO)
+            video = video_mask(family, short["input_ids"][b])
             for c in range(n):
                 if video[c] and slots[b][c] >= 0 and c not in kept_short:
                     hide[b, queries > ends[int(chunk[c])], c] = True
@@ -439,13 +439,14 @@ def test_patching_twice_is_rejected():
 
 
 def test_model_type_table_covers_the_families():
-    assert sorted(MODEL_TYPE_TO_APPLY_FN) == ["llava_onevision", "qwen2_5_vl", "qwen2_vl", "qwen3_vl", "qwen3_vl_moe"]
+    assert sorted(MODEL_TYPE_TO_APPLY_FN) == ["glm4v", "llava_onevision", "qwen2_5_vl", "qwen2_vl", "qwen3_vl",
+                                              "qwen3_vl_moe"]
 
 
 def test_unsupported_model_is_rejected():
     model = LlamaForCausalLM(LlamaConfig(**TEXT))
     with pytest.raises(ValueError, match=r"model LlamaForCausalLM has model_type 'llama'; ReTaKe supports "
-                                         r"\['llava_onevision', 'qwen2_5_vl', 'qwen2_vl', 'qwen3_vl', 'qwen3_vl_moe'\]"):
+                                         r"\['glm4v', 'llava_onevision', 'qwen2_5_vl', 'qwen2_vl', 'qwen3_vl', 'qwen3_vl_moe'\]"):
         apply_retake(model)
     with pytest.raises(ValueError, match=r"apply_retake_to_qwen2_vl: model LlavaOnevisionForConditionalGeneration has "
                                          r"model_type 'llava_onevision', expected one of \['qwen2_vl'\]"):
@@ -463,6 +464,9 @@ def test_models_the_prefill_cannot_run_are_rejected():
         apply_retake(model)
     with pytest.raises(ValueError, match=r"per_patch=True is not available for qwen3_vl"):
         apply_retake(build("qwen3_vl"), per_patch=True)
+    with pytest.raises(ValueError, match=r"reforge_positions=True is not available for glm4v: its RoPE is not of the "
+                                         r"form re-forging handles"):
+        apply_retake(build("glm4v"), reforge_positions=True)
 
 
 def test_precomputed_video_features_are_rejected():

@@ -7,19 +7,20 @@ the inputs of the same prompts with only some frames of each video: what the unp
 sees of a video with those frames alone.
 """
 import torch
-from transformers import (LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration, Qwen2_5_VLConfig,
+from transformers import (Glm4vConfig, Glm4vForConditionalGeneration, LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration, Qwen2_5_VLConfig,
                           Qwen2_5_VLForConditionalGeneration, Qwen2VLConfig, Qwen2VLForConditionalGeneration,
                           Qwen3VLConfig, Qwen3VLForConditionalGeneration, Qwen3VLMoeConfig,
                           Qwen3VLMoeForConditionalGeneration)
 
 VOCAB = 160
-IMAGE, VIDEO, VSTART, VEND = 150, 151, 152, 153
+IMAGE, VIDEO, VSTART, VEND, ISTART, IEND = 150, 151, 152, 153, 154, 155
 TEXT = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
             vocab_size=VOCAB, max_position_embeddings=4096, pad_token_id=0, bos_token_id=1, eos_token_id=2)
 MROPE = {"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 10000.0}
 QWEN_IDS = dict(image_token_id=IMAGE, video_token_id=VIDEO, vision_start_token_id=VSTART, vision_end_token_id=VEND)
 QWEN_VISION = dict(patch_size=2, spatial_merge_size=2, temporal_patch_size=2)
 TIMESTAMP = (30, 31, 32)  # a Qwen3-VL frame's "<t seconds>" text
+GLM_SECONDS = 40  # GLM-4.1V: frame j's timestamp is one token, GLM_SECONDS + j
 
 
 def qwen2_vl(impl, **text):
@@ -59,6 +60,20 @@ def qwen3_vl_moe(impl, **text):
     return Qwen3VLMoeForConditionalGeneration(config)
 
 
+GLM_IDS = dict(image_token_id=IMAGE, video_token_id=VIDEO, video_start_token_id=VSTART, video_end_token_id=VEND,
+               image_start_token_id=ISTART, image_end_token_id=IEND)
+
+
+def glm4v(impl, **text):
+    """GLM-4.1V: 3-D positions over half the head's dims (partial rotary), interleaved pairs."""
+    rope = {"rope_type": "default", "mrope_section": [1, 1, 2], "rope_theta": 10000.0, "partial_rotary_factor": 0.5}
+    vision = dict(QWEN_VISION, depth=1, hidden_size=32, num_heads=2, intermediate_size=64, out_hidden_size=64,
+                  image_size=8)
+    config = Glm4vConfig(text_config=dict(TEXT, rope_parameters=rope, **text), vision_config=vision,
+                         attn_implementation=impl, **GLM_IDS)
+    return Glm4vForConditionalGeneration(config)
+
+
 def llava_onevision(impl, **text):
     vision = dict(model_type="siglip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                   num_attention_heads=2, image_size=8, patch_size=2)
@@ -69,8 +84,8 @@ def llava_onevision(impl, **text):
 
 
 BUILDERS = {"qwen2_vl": qwen2_vl, "qwen2_5_vl": qwen2_5_vl, "qwen3_vl": qwen3_vl, "qwen3_vl_moe": qwen3_vl_moe,
-            "llava_onevision": llava_onevision}
-QWEN = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe")
+            "glm4v": glm4v, "llava_onevision": llava_onevision}
+QWEN = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "glm4v")  # grids of temporal groups, 3-D positions
 TIMESTAMPED = ("qwen3_vl", "qwen3_vl_moe")  # one "<t seconds> <|vision_start|> ... <|vision_end|>" unit per group
 GRID = 4  # Qwen: a frame is GRID x GRID patches -> GRID**2 / 4 tokens
 LLAVA_TOKENS = 4  # LLaVA-OneVision: pooled tokens per 8 x 8 frame
@@ -119,6 +134,11 @@ def make_inputs(family, videos, prompts=None, questions=None, keep=None):
                 for _ in frames:
                     ids += list(TIMESTAMP) + [VSTART] + [VIDEO] * per + [VEND]
                 ids += [VEND]
+            elif family == "glm4v":  # each group's whole-second timestamp (one token here) is its own, kept or not
+                ids += [VSTART]
+                for j in keep[b]:
+                    ids += [ISTART] + [IMAGE] * per + [IEND, GLM_SECONDS + j]
+                ids += [VEND]
             else:
                 ids += [VSTART] + [VIDEO] * (len(frames) * per) + [VEND]
             pixels.append(torch.cat(frames))
@@ -136,7 +156,7 @@ def make_inputs(family, videos, prompts=None, questions=None, keep=None):
     inputs = dict(input_ids=input_ids, attention_mask=mask)
     if family in QWEN:
         inputs.update(pixel_values_videos=torch.cat(pixels), video_grid_thw=torch.tensor(grids),
-                      mm_token_type_ids=(input_ids == VIDEO).int() * 2)
+                      mm_token_type_ids=video_mask(family, input_ids).int() * 2)
         if family == "qwen2_5_vl":
             inputs["second_per_grid_ts"] = torch.tensor([1.0] * batch)
     else:
@@ -144,10 +164,17 @@ def make_inputs(family, videos, prompts=None, questions=None, keep=None):
     return inputs
 
 
+def video_mask(family, input_ids):
+    """bool: the video tokens of make_inputs' input_ids (GLM-4.1V: its image token inside the video markers)."""
+    if family != "glm4v":
+        return input_ids == VIDEO
+    return (input_ids == IMAGE) & ((input_ids == VSTART).cumsum(-1) > (input_ids == VEND).cumsum(-1))
+
+
 def frame_columns(family, inputs, row):
     """For one row of make_inputs' output: per frame, (unit columns, video token columns)."""
     ids = inputs["input_ids"][row]
-    video = torch.nonzero(ids == VIDEO).flatten().tolist()
+    video = torch.nonzero(video_mask(family, ids)).flatten().tolist()
     per = tokens_per_frame(family)
     n_frames = len(video) // per
     out = []
@@ -155,6 +182,8 @@ def frame_columns(family, inputs, row):
         tokens = video[j * per:(j + 1) * per]
         if family in TIMESTAMPED:
             unit = list(range(tokens[0] - 1 - len(TIMESTAMP), tokens[-1] + 2))
+        elif family == "glm4v":
+            unit = list(range(tokens[0] - 1, tokens[-1] + 3))  # <|begin_of_image|> ... <|end_of_image|> seconds
         else:
             unit = tokens
         out.append((unit, tokens))

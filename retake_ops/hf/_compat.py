@@ -82,10 +82,10 @@ def generate_positions(mask: torch.Tensor) -> torch.Tensor:
     return (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 1)
 
 
-def rope_index(model, ids: torch.Tensor, mask: torch.Tensor, video_token_id: int, extra: dict):
-    """(positions int64 [3, B, L], rope_deltas [B, 1]) of a Qwen-family VideoLLM from its own
-    get_rope_index, for inputs whose only vision tokens are videos."""
-    types = (ids == video_token_id).int() * 2
+def rope_index(model, ids: torch.Tensor, mask: torch.Tensor, video: torch.Tensor, extra: dict):
+    """(positions int64 [3, B, L], rope_deltas [B, 1]) of a Qwen-family (or GLM-4.1V) VideoLLM from its
+    own get_rope_index, for inputs whose only vision tokens are videos (video: bool [B, L], where they are)."""
+    types = video.int() * 2
     return model.model.get_rope_index(ids, mm_token_type_ids=types, attention_mask=mask, **extra)
 
 

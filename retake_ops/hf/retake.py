@@ -303,6 +303,9 @@ def check_model(model, family, config: RetakeConfig) -> None:
     if sliding:
         raise ValueError(f"apply_retake: {type(model).__name__} has {sliding} decoder layers; the ReTaKe prefill "
                          "supports full attention only (set use_sliding_window=False)")
+    if config.reforge_positions and not family.supports_reforge:
+        raise ValueError(f"apply_retake: reforge_positions=True is not available for {family.name}: its RoPE is not "
+                         "of the form re-forging handles; use reforge_positions=False")
     if config.per_patch and not family.supports_per_patch:
         raise ValueError(f"apply_retake: per_patch=True is not available for {family.name}: a per-patch frame "
                          "would have no timestamp; use per_patch=False")
@@ -411,6 +414,11 @@ def apply_retake_to_qwen3_vl_moe(model=None, config: RetakeConfig | None = None,
     return _apply("qwen3_vl_moe", model, config, overrides)
 
 
+def apply_retake_to_glm4v(model=None, config: RetakeConfig | None = None, **overrides) -> RetakeHandle:
+    """ReTaKe for GLM-4.1V: patch `model`, or with model=None the class (every model, also later ones)."""
+    return _apply("glm4v", model, config, overrides)
+
+
 def apply_retake_to_llava_onevision(model=None, config: RetakeConfig | None = None, **overrides) -> RetakeHandle:
     """ReTaKe for LLaVA-OneVision: patch `model`, or with model=None the class (every model, also later ones)."""
     return _apply("llava_onevision", model, config, overrides)
@@ -421,6 +429,7 @@ MODEL_TYPE_TO_APPLY_FN = {
     "qwen2_5_vl": apply_retake_to_qwen2_5_vl,
     "qwen3_vl": apply_retake_to_qwen3_vl,
     "qwen3_vl_moe": apply_retake_to_qwen3_vl_moe,
+    "glm4v": apply_retake_to_glm4v,
     "llava_onevision": apply_retake_to_llava_onevision,
 }
 

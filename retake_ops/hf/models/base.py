@@ -49,6 +49,7 @@ class VideoFamily:
     model_types: tuple[str, ...] = ()
     video_token_attr = "video_token_id"
     supports_per_patch = True
+    supports_reforge = True  # position re-forging: RoPE of the form x * cos + rotate_half(x) * sin
 
     # Inputs that describe the videos, which the family expands itself for beams and several
     # returned sequences (see expand_videos); empty when generate()'s own row-wise repeat is right.
@@ -60,6 +61,10 @@ class VideoFamily:
 
     def video_token_id(self, model) -> int:
         return getattr(model.config, self.video_token_attr)
+
+    def video_tokens(self, model, ids: torch.Tensor) -> torch.Tensor:
+        """bool [B, L]: which input_ids are video tokens (features of a video's frames go there)."""
+        return ids == self.video_token_id(model)
 
     def frames_per_group(self, model) -> int:
         """Raw video frames behind one frame of features (a temporal group)."""

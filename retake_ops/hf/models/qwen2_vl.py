@@ -73,10 +73,11 @@ class Qwen2VLFamily(VideoFamily):
         grids = kwargs["video_grid_thw"].cpu()
         feats, extras = self.features(model, kwargs)
         host_ids = ids.cpu()
+        host_video = self.video_tokens(model, host_ids)
         host_mask = None if mask is None else mask.cpu().bool()
         out, v = [], 0
         for row in range(ids.shape[0]):
-            is_video = host_ids[row] == self.video_token_id(model)
+            is_video = host_video[row]
             if host_mask is not None:
                 is_video &= host_mask[row]
             runs = token_runs(torch.nonzero(is_video).flatten())
@@ -110,19 +111,19 @@ class Qwen2VLFamily(VideoFamily):
         return {"video_grid_thw": kwargs["video_grid_thw"]}
 
     def positions(self, model, ids, mask, extra, given):
-        return _compat.rope_index(model, ids, mask, self.video_token_id(model), extra)[0]
+        return _compat.rope_index(model, ids, mask, self.video_tokens(model, ids), extra)[0]
 
     def set_decoding_state(self, model, short_ids, short_mask, short_extra, full_mask, shift) -> None:
         # The model continues at (real tokens so far) + rope_deltas; the full input has more real tokens.
-        deltas = _compat.rope_index(model, short_ids, short_mask, self.video_token_id(model), short_extra)[1]
+        deltas = _compat.rope_index(model, short_ids, short_mask, self.video_tokens(model, short_ids), short_extra)[1]
         extra_tokens = (full_mask.sum(1) - short_mask.sum(1)).to(deltas.device)[:, None]
         _compat.set_rope_deltas(model, deltas + shift.to(deltas.device)[:, None] - extra_tokens)
 
     def videos_per_row(self, model, input_ids: torch.Tensor, grids: torch.Tensor) -> list[int]:
         """How many videos each input row holds, in the order the grids list them."""
         counts, v = [], 0
-        for row in input_ids.cpu():
-            runs = token_runs(torch.nonzero(row == self.video_token_id(model)).flatten())
+        for row in self.video_tokens(model, input_ids.cpu()):
+            runs = token_runs(torch.nonzero(row).flatten())
             n = self.videos_in_runs(runs, grids[v:], model)
             counts.append(n)
             v += n

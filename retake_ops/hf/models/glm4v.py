@@ -1,0 +1,61 @@
+"""GLM-4.1V (`glm4v`): one token run per temporal group, each followed by its own timestamp text.
+
+Input layout (transformers' Glm4vProcessor.replace_video_token / replace_frame_token_id): the chat
+template's <|begin_of_video|>, then per temporal group "<|begin_of_image|> <|image|> x N
+<|end_of_image|>" and the group's timestamp in whole seconds ("{int(t)}"), then <|end_of_video|>.
+A video's tokens are the image token inside <|begin_of_video|> ... <|end_of_video|> (the processor's
+mm_token_type_ids 2): GLM-4.1V has no token of its own for them. A frame is a whole group unit (its
+markers, N video tokens and the timestamp after them), so dropping a group drops its timestamp and
+the kept groups read as the processor writes a video of those groups, each with its own time.
+Positions are 3-D from the model's own get_rope_index, one grid per group; the vision tower has no
+side features. Per-patch DPSelect is not offered (a per-patch group would have no timestamp), and
+neither is position re-forging: GLM's text RoPE rotates interleaved pairs over part of each head, not
+the halves re-forging inverts.
+"""
+from __future__ import annotations
+
+import torch
+
+from .base import Frame
+from .qwen2_vl import Qwen2VLFamily
+from .qwen3_vl import Qwen3VLFamily
+
+
+class Glm4vFamily(Qwen2VLFamily):
+    name = "glm4v"
+    model_types = ("glm4v",)
+    supports_per_patch = False
+    supports_reforge = False
+    videos_in_runs = Qwen3VLFamily.videos_in_runs  # one run per temporal group, as Qwen3-VL
+
+    def model_class(self):
+        from transformers import Glm4vForConditionalGeneration
+
+        return Glm4vForConditionalGeneration
+
+    def video_tokens(self, model, ids: torch.Tensor) -> torch.Tensor:
+        config = model.config
+        inside = (ids == config.video_start_token_id).cumsum(-1) > (ids == config.video_end_token_id).cumsum(-1)
+        return (ids == config.image_token_id) & inside
+
+    def frame_runs(self, model, ids_row, runs, grids, row):
+        config = model.config
+        ends = torch.nonzero(ids_row == config.video_end_token_id).flatten().tolist()
+        videos, r = [], 0
+        for grid in grids:
+            T, N = int(grid[0]), self.tokens_per_frame(model, grid)
+            group_runs = runs[r:r + T]
+            if len(group_runs) != T or any(end - start != N for start, end in group_runs):
+                raise ValueError(f"apply_retake: row {row} does not hold {T} runs of {N} video tokens for a video "
+                                 f"with video_grid_thw {grid.tolist()}")
+            video_end = next((e for e in ends if e > group_runs[-1][1]), None)
+            if video_end is None or any(int(ids_row[start - 1]) != config.image_start_token_id
+                                        for start, _ in group_runs):
+                raise ValueError(f"apply_retake: row {row}: each group of a GLM-4.1V video must be "
+                                 "<|begin_of_image|> tokens <|end_of_image|> <timestamp>, inside <|begin_of_video|> "
+                                 "... <|end_of_video|>, as the chat template and processor write it")
+            # A unit runs from its <|begin_of_image|> to the next one (or <|end_of_video|>): its timestamp.
+            starts = [start - 1 for start, _ in group_runs] + [video_end]
+            videos.append([Frame(starts[j], starts[j + 1], start, end) for j, (start, end) in enumerate(group_runs)])
+            r += T
+        return videos
