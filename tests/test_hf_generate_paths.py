@@ -23,7 +23,7 @@ from retake_ops.hf import (MODEL_TYPE_TO_APPLY_FN, PivotKVCache, RetakeConfig, a
                            cache_arg, chunked_prefill)
 from test_hf_pivotkv import build as build_decoder
 from test_hf_videollm import TOL, case
-from videollm_tiny import BUILDERS, VEND, VSTART, build, frame_columns, make_inputs, make_videos
+from videollm_tiny import BUILDERS, GLM, VEND, VSTART, build, frame_columns, make_inputs, make_videos
 
 pytestmark = [pytest.mark.filterwarnings("error::FutureWarning", "error::DeprecationWarning"),
               pytest.mark.filterwarnings("ignore:PivotKV. pivot tokens outnumber"), pytest.mark.usefixtures("no_grad")]
@@ -67,9 +67,9 @@ def attempt(model, inputs, options):
         return error
 
 
-# Families whose own generate() fails on some of RUNS: GLM-4.1V's beams and returned sequences on
+# Families whose own generate() fails on some of RUNS: the GLM families' beams and returned sequences on
 # transformers 5.24 repeat no video features ("torch.cat(): expected a non-empty list of Tensors").
-OWN_GENERATE_FAILS = ("glm4v",)
+OWN_GENERATE_FAILS = GLM
 
 
 def assert_no_worse(got, want, family):

@@ -34,7 +34,8 @@ FAMILIES = list(BUILDERS)
 IMPLS = ["eager", "sdpa"]
 STEPS = 5
 FRAMES = {"qwen2_vl": [[8], [8, 5]], "qwen2_5_vl": [[8], [8, 5]], "qwen3_vl": [[7], [7, 4]],
-          "qwen3_vl_moe": [[7], [7, 4]], "glm4v": [[7], [7, 4]], "llava_onevision": [[6], [6, 6]]}
+          "qwen3_vl_moe": [[7], [7, 4]], "glm4v": [[7], [7, 4]], "glm4v_moe": [[7], [7, 4]], "glm46v": [[7], [7, 4]],
+          "llava_onevision": [[6], [6, 6]]}
 PROMPTS = {1: [[5, 6, 7]], 2: [[5, 6, 7], [5, 6, 7, 8, 9, 10, 11]]}
 QUESTIONS = {1: [[20, 21, 22, 23]], 2: [[20, 21, 22, 23], [24, 25, 26]]}
 
@@ -439,14 +440,15 @@ def test_patching_twice_is_rejected():
 
 
 def test_model_type_table_covers_the_families():
-    assert sorted(MODEL_TYPE_TO_APPLY_FN) == ["glm4v", "llava_onevision", "qwen2_5_vl", "qwen2_vl", "qwen3_vl",
-                                              "qwen3_vl_moe"]
+    assert sorted(MODEL_TYPE_TO_APPLY_FN) == ["glm46v", "glm4v", "glm4v_moe", "llava_onevision", "qwen2_5_vl",
+                                              "qwen2_vl", "qwen3_vl", "qwen3_vl_moe"]
 
 
 def test_unsupported_model_is_rejected():
     model = LlamaForCausalLM(LlamaConfig(**TEXT))
     with pytest.raises(ValueError, match=r"model LlamaForCausalLM has model_type 'llama'; ReTaKe supports "
-                                         r"\['glm4v', 'llava_onevision', 'qwen2_5_vl', 'qwen2_vl', 'qwen3_vl', 'qwen3_vl_moe'\]"):
+                                         r"\['glm46v', 'glm4v', 'glm4v_moe', 'llava_onevision', 'qwen2_5_vl', 'qwen2_vl', 'qwen3_vl', "
+                                         r"'qwen3_vl_moe'\]"):
         apply_retake(model)
     with pytest.raises(ValueError, match=r"apply_retake_to_qwen2_vl: model LlavaOnevisionForConditionalGeneration has "
                                          r"model_type 'llava_onevision', expected one of \['qwen2_vl'\]"):
@@ -464,8 +466,8 @@ def test_models_the_prefill_cannot_run_are_rejected():
         apply_retake(model)
     with pytest.raises(ValueError, match=r"per_patch=True is not available for qwen3_vl"):
         apply_retake(build("qwen3_vl"), per_patch=True)
-    with pytest.raises(ValueError, match=r"reforge_positions=True is not available for glm4v: its RoPE is not of the "
-                                         r"form re-forging handles"):
+    with pytest.raises(ValueError, match=r"reforge_positions=True is not available for glm4v; use "
+                                         r"reforge_positions=False"):
         apply_retake(build("glm4v"), reforge_positions=True)
 
 

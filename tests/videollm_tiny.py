@@ -7,7 +7,8 @@ the inputs of the same prompts with only some frames of each video: what the unp
 sees of a video with those frames alone.
 """
 import torch
-from transformers import (Glm4vConfig, Glm4vForConditionalGeneration, LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration, Qwen2_5_VLConfig,
+from transformers import (Glm4vConfig, Glm4vForConditionalGeneration, Glm4vMoeConfig, Glm4vMoeForConditionalGeneration,
+                          Glm46VConfig, Glm46VForConditionalGeneration, LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration, Qwen2_5_VLConfig,
                           Qwen2_5_VLForConditionalGeneration, Qwen2VLConfig, Qwen2VLForConditionalGeneration,
                           Qwen3VLConfig, Qwen3VLForConditionalGeneration, Qwen3VLMoeConfig,
                           Qwen3VLMoeForConditionalGeneration)
@@ -20,7 +21,12 @@ MROPE = {"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 10000
 QWEN_IDS = dict(image_token_id=IMAGE, video_token_id=VIDEO, vision_start_token_id=VSTART, vision_end_token_id=VEND)
 QWEN_VISION = dict(patch_size=2, spatial_merge_size=2, temporal_patch_size=2)
 TIMESTAMP = (30, 31, 32)  # a Qwen3-VL frame's "<t seconds>" text
-GLM_SECONDS = 40  # GLM-4.1V: frame j's timestamp is one token, GLM_SECONDS + j
+GLM_SECONDS = 40  # GLM: frame j's timestamp starts with GLM_SECONDS + j ...
+
+
+def glm_timestamp(family, j):
+    """... GLM-4.1V / 4.5V write whole seconds (one token here), GLM-4.6V "{t:.1f} seconds" (three)."""
+    return [GLM_SECONDS + j] + ([46, 47] if family == "glm46v" else [])
 
 
 def qwen2_vl(impl, **text):
@@ -74,6 +80,29 @@ def glm4v(impl, **text):
     return Glm4vForConditionalGeneration(config)
 
 
+def glm4v_moe(impl, **text):
+    """GLM-4.5V: GLM-4.1V's vision tower and layout; decoder layer 1's MLP is 4 routed experts (2 per token)
+    and a shared one (layer 0 stays dense, as first_k_dense_replace says)."""
+    rope = {"rope_type": "default", "mrope_section": [1, 1, 2], "rope_theta": 10000.0, "partial_rotary_factor": 0.5}
+    vision = dict(QWEN_VISION, depth=1, hidden_size=32, num_heads=2, intermediate_size=64, out_hidden_size=64,
+                  image_size=8)
+    moe = dict(n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, n_shared_experts=1,
+               first_k_dense_replace=1)
+    config = Glm4vMoeConfig(text_config=dict(TEXT, rope_parameters=rope, **moe, **text), vision_config=vision,
+                            attn_implementation=impl, **GLM_IDS)
+    return Glm4vMoeForConditionalGeneration(config)
+
+
+def glm46v(impl, **text):
+    """GLM-4.6V: GLM-4.1V's text model and vision tower behind Glm46VProcessor's "{t:.1f} seconds"."""
+    rope = {"rope_type": "default", "mrope_section": [1, 1, 2], "rope_theta": 10000.0, "partial_rotary_factor": 0.5}
+    vision = dict(QWEN_VISION, model_type="glm4v_vision", depth=1, hidden_size=32, num_heads=2, intermediate_size=64,
+                  out_hidden_size=64, image_size=8)
+    config = Glm46VConfig(text_config=dict(TEXT, model_type="glm4v_text", rope_parameters=rope, **text),
+                          vision_config=vision, attn_implementation=impl, **GLM_IDS)
+    return Glm46VForConditionalGeneration(config)
+
+
 def llava_onevision(impl, **text):
     vision = dict(model_type="siglip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                   num_attention_heads=2, image_size=8, patch_size=2)
@@ -84,8 +113,9 @@ def llava_onevision(impl, **text):
 
 
 BUILDERS = {"qwen2_vl": qwen2_vl, "qwen2_5_vl": qwen2_5_vl, "qwen3_vl": qwen3_vl, "qwen3_vl_moe": qwen3_vl_moe,
-            "glm4v": glm4v, "llava_onevision": llava_onevision}
-QWEN = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "glm4v")  # grids of temporal groups, 3-D positions
+            "glm4v": glm4v, "glm4v_moe": glm4v_moe, "glm46v": glm46v, "llava_onevision": llava_onevision}
+GLM = ("glm4v", "glm4v_moe", "glm46v")
+QWEN = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe") + GLM  # grids of temporal groups, 3-D positions
 TIMESTAMPED = ("qwen3_vl", "qwen3_vl_moe")  # one "<t seconds> <|vision_start|> ... <|vision_end|>" unit per group
 GRID = 4  # Qwen: a frame is GRID x GRID patches -> GRID**2 / 4 tokens
 LLAVA_TOKENS = 4  # LLaVA-OneVision: pooled tokens per 8 x 8 frame
@@ -134,10 +164,10 @@ def make_inputs(family, videos, prompts=None, questions=None, keep=None):
                 for _ in frames:
                     ids += list(TIMESTAMP) + [VSTART] + [VIDEO] * per + [VEND]
                 ids += [VEND]
-            elif family == "glm4v":  # each group's whole-second timestamp (one token here) is its own, kept or not
+            elif family in GLM:  # each group's timestamp is its own, kept or not
                 ids += [VSTART]
                 for j in keep[b]:
-                    ids += [ISTART] + [IMAGE] * per + [IEND, GLM_SECONDS + j]
+                    ids += [ISTART] + [IMAGE] * per + [IEND] + glm_timestamp(family, j)
                 ids += [VEND]
             else:
                 ids += [VSTART] + [VIDEO] * (len(frames) * per) + [VEND]
@@ -165,8 +195,8 @@ def make_inputs(family, videos, prompts=None, questions=None, keep=None):
 
 
 def video_mask(family, input_ids):
-    """bool: the video tokens of make_inputs' input_ids (GLM-4.1V: its image token inside the video markers)."""
-    if family != "glm4v":
+    """bool: the video tokens of make_inputs' input_ids (GLM: its image token inside the video markers)."""
+    if family not in GLM:
         return input_ids == VIDEO
     return (input_ids == IMAGE) & ((input_ids == VSTART).cumsum(-1) > (input_ids == VEND).cumsum(-1))
 
@@ -182,8 +212,8 @@ def frame_columns(family, inputs, row):
         tokens = video[j * per:(j + 1) * per]
         if family in TIMESTAMPED:
             unit = list(range(tokens[0] - 1 - len(TIMESTAMP), tokens[-1] + 2))
-        elif family == "glm4v":
-            unit = list(range(tokens[0] - 1, tokens[-1] + 3))  # <|begin_of_image|> ... <|end_of_image|> seconds
+        elif family in GLM:  # <|begin_of_image|> ... <|end_of_image|> and the timestamp
+            unit = list(range(tokens[0] - 1, tokens[-1] + 2 + len(glm_timestamp(family, j))))
         else:
             unit = tokens
         out.append((unit, tokens))

@@ -304,8 +304,8 @@ def check_model(model, family, config: RetakeConfig) -> None:
         raise ValueError(f"apply_retake: {type(model).__name__} has {sliding} decoder layers; the ReTaKe prefill "
                          "supports full attention only (set use_sliding_window=False)")
     if config.reforge_positions and not family.supports_reforge:
-        raise ValueError(f"apply_retake: reforge_positions=True is not available for {family.name}: its RoPE is not "
-                         "of the form re-forging handles; use reforge_positions=False")
+        raise ValueError(f"apply_retake: reforge_positions=True is not available for {family.name}; use "
+                         "reforge_positions=False")
     if config.per_patch and not family.supports_per_patch:
         raise ValueError(f"apply_retake: per_patch=True is not available for {family.name}: a per-patch frame "
                          "would have no timestamp; use per_patch=False")
@@ -419,6 +419,16 @@ def apply_retake_to_glm4v(model=None, config: RetakeConfig | None = None, **over
     return _apply("glm4v", model, config, overrides)
 
 
+def apply_retake_to_glm4v_moe(model=None, config: RetakeConfig | None = None, **overrides) -> RetakeHandle:
+    """ReTaKe for GLM-4.5V: patch `model`, or with model=None the class (every model, also later ones)."""
+    return _apply("glm4v_moe", model, config, overrides)
+
+
+def apply_retake_to_glm46v(model=None, config: RetakeConfig | None = None, **overrides) -> RetakeHandle:
+    """ReTaKe for GLM-4.6V: patch `model`, or with model=None the class (every model, also later ones)."""
+    return _apply("glm46v", model, config, overrides)
+
+
 def apply_retake_to_llava_onevision(model=None, config: RetakeConfig | None = None, **overrides) -> RetakeHandle:
     """ReTaKe for LLaVA-OneVision: patch `model`, or with model=None the class (every model, also later ones)."""
     return _apply("llava_onevision", model, config, overrides)
@@ -430,6 +440,8 @@ MODEL_TYPE_TO_APPLY_FN = {
     "qwen3_vl": apply_retake_to_qwen3_vl,
     "qwen3_vl_moe": apply_retake_to_qwen3_vl_moe,
     "glm4v": apply_retake_to_glm4v,
+    "glm4v_moe": apply_retake_to_glm4v_moe,
+    "glm46v": apply_retake_to_glm46v,
     "llava_onevision": apply_retake_to_llava_onevision,
 }
 
