@@ -727,6 +727,24 @@ def test_inputs_the_prefill_cannot_use_are_rejected_by_name():
             model(**inputs, **cache_arg(model, PivotKVCache()))
 
 
+@pytest.mark.parametrize("family", ["glm4v", "glm46v"])
+def test_glm_image_tokens_outside_the_video_are_refused(family):
+    """GLM's video tokens are its image token inside the video markers; one outside them, which the
+    unpatched model counts as a video token and refuses, is refused by name."""
+    from videollm_tiny import IMAGE
+
+    model = build(family, "sdpa")
+    _, inputs = case(family, 1)
+    ids = inputs["input_ids"].clone()
+    ids[0, 1] = IMAGE  # in the prompt, before <|begin_of_video|>
+    bad = dict(inputs, input_ids=ids)
+    with pytest.raises(ValueError, match=r"Video features and video tokens do not match"):
+        model(**bad)
+    with apply_retake(model), pytest.raises(ValueError, match=r"^apply_retake: row 0 holds image tokens outside "
+                                                               r"<\|begin_of_video\|> \.\.\. <\|end_of_video\|>"):
+        model(**bad)
+
+
 @pytest.mark.parametrize("hidden", [64, 192])
 def test_tiny_model_builds_at_any_width(hidden):
     from retake_ops.hf.tiny import tiny_qwen2_vl, video_inputs

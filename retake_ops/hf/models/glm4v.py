@@ -37,6 +37,17 @@ class Glm4vFamily(Qwen2VLFamily):
 
         return Glm4vForConditionalGeneration
 
+    def check_inputs(self, model, kwargs: dict) -> None:
+        super().check_inputs(model, kwargs)
+        ids, mask = kwargs["input_ids"], kwargs.get("attention_mask")
+        images = (ids == model.config.image_token_id) & ~self.video_tokens(model, ids)
+        if mask is not None:
+            images &= mask.bool()
+        if bool(images.any()):  # the unpatched model would take them for video tokens and refuse the count
+            row = int(images.any(-1).nonzero()[0])
+            raise ValueError(f"apply_retake: row {row} holds image tokens outside <|begin_of_video|> ... "
+                             "<|end_of_video|>; the ReTaKe prefill takes videos only")
+
     def video_tokens(self, model, ids: torch.Tensor) -> torch.Tensor:
         config = model.config
         inside = (ids == config.video_start_token_id).cumsum(-1) > (ids == config.video_end_token_id).cumsum(-1)
