@@ -174,7 +174,7 @@ class RetakeHandle:
                 return original(model)(*args, **kwargs)
             return wrapped(model, *args, **kwargs)
 
-        patched.__signature__ = getattr(wrapped, "__signature__", inspect.signature(wrapped))
+        patched.__signature__ = inspect.signature(wrapped)
         setattr(patched, _MARK, self)
         patched.__doc__ = getattr(found, "__doc__", None)
         self._set(self.target, name, types.MethodType(patched, self.target) if self.instance else patched)
@@ -215,7 +215,7 @@ class RetakeHandle:
                 named = _named(generate_signature, (model, *args), kwargs)
                 if not handle.family.has_video(named):
                     return original(model)(*args, **kwargs)
-                check_generate_options(model, generate_signature, (model, *args), kwargs)
+                check_generate_options(model, generate_signature, named)
                 cache = _compat.cache_from_kwargs(named)
                 prefills = handle.prefills
                 out = original(model)(*args, **kwargs)
@@ -327,8 +327,9 @@ def check_cache(cache) -> None:
     if isinstance(cache, PivotKVCache):
         raise ValueError("apply_retake: the ReTaKe prefill makes its own PivotKVCache from the handle's "
                          "RetakeConfig; pass no cache (generate() makes an empty one, which is fine)")
-    if type(cache) is not DynamicCache or getattr(cache, "offloading", False):
-        kind = type(cache).__name__ + (" with offloading" if getattr(cache, "offloading", False) else "")
+    offloading = getattr(cache, "offloading", False)
+    if type(cache) is not DynamicCache or offloading:
+        kind = type(cache).__name__ + (" with offloading" if offloading else "")
         raise ValueError(f"apply_retake: got a {kind} for a prompt with videos; the ReTaKe prefill returns its own "
                          "PivotKVCache, which drops evicted video tokens, in its place. Pass no cache and no "
                          "cache_implementation (generate() then makes a plain DynamicCache, which is fine)")
@@ -349,14 +350,12 @@ def check_prefill_call(model, named: dict, cache) -> None:
                          f"length], got {got}")
 
 
-def check_generate_options(model, signature: inspect.Signature, args: tuple, kwargs: dict) -> None:
+def check_generate_options(model, signature: inspect.Signature, named: dict) -> None:
     """ValueError, before generate() does any work, for generation options that the ReTaKe prefill cannot
-    serve on a prompt with videos: generate(*args, **kwargs)'s arguments merged with the passed and the
-    model's generation_config as generate() merges them."""
-    bound = signature.bind_partial(*args, **kwargs).arguments
-    extra = next((bound.get(p.name, {}) for p in signature.parameters.values()
-                  if p.kind is inspect.Parameter.VAR_KEYWORD), {})
-    config = _compat.generation_config(model, bound.get("generation_config"), extra)
+    serve on a prompt with videos. named: generate()'s arguments by name (_named); its keyword-only extras
+    are merged with the passed and the model's generation_config as generate() merges them."""
+    extra = {name: value for name, value in named.items() if name not in signature.parameters}
+    config = _compat.generation_config(model, named.get("generation_config"), extra)
     if config.use_cache is False:
         raise ValueError(_NO_CACHE)
     if config.cache_implementation not in _CACHE_IMPLEMENTATIONS:
@@ -368,7 +367,7 @@ def check_generate_options(model, signature: inspect.Signature, args: tuple, kwa
                          "would split the prompt, videos included, into token chunks, while the ReTaKe prefill "
                          "already chunks the video by frames; drop prefill_chunk_size and bound the prefill's "
                          "memory with RetakeConfig(chunk_frames=...)")
-    if _compat.is_assisted(config, bound.get("assistant_model")):
+    if _compat.is_assisted(config, named.get("assistant_model")):
         raise ValueError("apply_retake: assisted generation (assistant_model, prompt_lookup_num_tokens, "
                          "assistant_early_exit) with videos: its first forward feeds the candidate tokens with the "
                          "prompt, which the ReTaKe prefill would take for part of the question it scores the video "
