@@ -12,11 +12,12 @@ import os
 import sys
 import warnings
 
-# retake_ops, and what may stand between it and the caller: transformers, torch, and the wrappers that
-# hook a model's forward (accelerate's device_map hooks, peft). Found without importing them.
+# retake_ops, and what may stand between it and the caller: transformers, torch, and the packages that
+# wrap a model's forwards (accelerate's device_map hooks, peft, the hub kernels transformers loads from
+# 5.25 on). Found without importing them.
 _PACKAGES = tuple(os.path.dirname(spec.origin) + os.sep for spec in
                   (importlib.util.find_spec(name) for name in ("retake_ops", "transformers", "torch", "accelerate",
-                                                               "peft"))
+                                                               "peft", "kernels"))
                   if spec is not None and spec.origin is not None)
 
 
