@@ -10,7 +10,8 @@ import torch
 from transformers import (Glm4vConfig, Glm4vForConditionalGeneration, Glm4vMoeConfig, Glm4vMoeForConditionalGeneration,
                           Glm46VConfig, Glm46VForConditionalGeneration, LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration, Qwen2_5_VLConfig,
                           Qwen2_5_VLForConditionalGeneration, Qwen2VLConfig, Qwen2VLForConditionalGeneration,
-                          Qwen3VLConfig, Qwen3VLForConditionalGeneration, Qwen3VLMoeConfig,
+                          Qwen3_5Config, Qwen3_5ForConditionalGeneration, Qwen3_5MoeConfig,
+                          Qwen3_5MoeForConditionalGeneration, Qwen3VLConfig, Qwen3VLForConditionalGeneration, Qwen3VLMoeConfig,
                           Qwen3VLMoeForConditionalGeneration)
 
 VOCAB = 160
@@ -66,6 +67,31 @@ def qwen3_vl_moe(impl, **text):
     return Qwen3VLMoeForConditionalGeneration(config)
 
 
+# Qwen3.5: layers 0 and 2 linear attention (gated delta net), 1 and 3 full attention, as the real models
+# alternate them (3 linear per full one there); the text RoPE rotates half of each head.
+HYBRID = dict(num_hidden_layers=4, head_dim=16, linear_conv_kernel_dim=4, linear_key_head_dim=8, linear_value_head_dim=8,
+              linear_num_key_heads=2, linear_num_value_heads=4,
+              layer_types=["linear_attention", "full_attention", "linear_attention", "full_attention"],
+              rope_parameters=dict(MROPE, mrope_interleaved=True, partial_rotary_factor=0.5))
+QWEN3_5_VISION = dict(QWEN_VISION, depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
+                      num_position_embeddings=16)
+
+
+def qwen3_5(impl, **text):
+    """Qwen3.5: Qwen3VLProcessor's layout (transformers' processing_auto maps qwen3_5 to it), no deepstack."""
+    config = Qwen3_5Config(text_config=dict(TEXT, **dict(HYBRID, **text)), vision_config=QWEN3_5_VISION,
+                           attn_implementation=impl, **QWEN_IDS)
+    return Qwen3_5ForConditionalGeneration(config)
+
+
+def qwen3_5_moe(impl, **text):
+    """Qwen3.5-MoE: Qwen3.5's layout and hybrid layers; every MLP 4 routed experts (2 per token) and a shared one."""
+    moe = dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=32)
+    config = Qwen3_5MoeConfig(text_config=dict(TEXT, **dict(HYBRID, **moe, **text)), vision_config=QWEN3_5_VISION,
+                              attn_implementation=impl, **QWEN_IDS)
+    return Qwen3_5MoeForConditionalGeneration(config)
+
+
 GLM_IDS = dict(image_token_id=IMAGE, video_token_id=VIDEO, video_start_token_id=VSTART, video_end_token_id=VEND,
                image_start_token_id=ISTART, image_end_token_id=IEND)
 
@@ -113,10 +139,12 @@ def llava_onevision(impl, **text):
 
 
 BUILDERS = {"qwen2_vl": qwen2_vl, "qwen2_5_vl": qwen2_5_vl, "qwen3_vl": qwen3_vl, "qwen3_vl_moe": qwen3_vl_moe,
+            "qwen3_5": qwen3_5, "qwen3_5_moe": qwen3_5_moe,
             "glm4v": glm4v, "glm4v_moe": glm4v_moe, "glm46v": glm46v, "llava_onevision": llava_onevision}
 GLM = ("glm4v", "glm4v_moe", "glm46v")
-QWEN = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe") + GLM  # grids of temporal groups, 3-D positions
-TIMESTAMPED = ("qwen3_vl", "qwen3_vl_moe")  # one "<t seconds> <|vision_start|> ... <|vision_end|>" unit per group
+HYBRID_FAMILIES = ("qwen3_5", "qwen3_5_moe")  # linear-attention layers beside full-attention ones
+QWEN = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe") + HYBRID_FAMILIES + GLM  # temporal groups, 3-D positions
+TIMESTAMPED = ("qwen3_vl", "qwen3_vl_moe") + HYBRID_FAMILIES  # one "<t seconds> <|vision_start|> ... <|vision_end|>" unit per group
 GRID = 4  # Qwen: a frame is GRID x GRID patches -> GRID**2 / 4 tokens
 LLAVA_TOKENS = 4  # LLaVA-OneVision: pooled tokens per 8 x 8 frame
 

@@ -202,3 +202,58 @@ def query_heads(model) -> int | None:
     gives no single count."""
     heads = getattr(decoder_config(model), "num_attention_heads", None)
     return heads if isinstance(heads, int) else None
+
+
+# Hybrid decoders (Qwen3.5): linear-attention layers keep a recurrent state and a convolution window in
+# transformers' LinearAttentionLayer (the same from 5.17 on), one state of each per layer.
+def linear_attention_indices(config) -> list[int]:
+    """The decoder layers a config marks "linear_attention" (none for a model without layer_types)."""
+    return [i for i, kind in enumerate(getattr(config, "layer_types", None) or []) if kind == "linear_attention"]
+
+
+def linear_attention_modules(model) -> list:
+    """The linear-attention modules of a hybrid decoder's layers (each layer's `linear_attn`)."""
+    layers = decoder(model).layers
+    return [layers[i].linear_attn for i in linear_attention_indices(decoder_config(model))]
+
+
+def linear_attention_cache_layer():
+    from transformers.cache_utils import LinearAttentionLayer
+
+    return LinearAttentionLayer()
+
+
+def linear_cache(kwargs: dict):
+    """The cache a linear-attention module was called with (5.24: `cache`, 5.17: `cache_params`)."""
+    return kwargs.get("cache", kwargs.get("cache_params"))
+
+
+def linear_started(layer) -> bool:
+    """Whether a linear-attention cache layer holds a state (it has seen tokens)."""
+    return any(layer.has_previous_state.values())
+
+
+def linear_states(layer) -> list[torch.Tensor]:
+    """A linear-attention cache layer's state tensors (convolution windows, recurrent states), batch first;
+    the layer updates them in place."""
+    return [t for states in (layer.conv_states, layer.recurrent_states) for t in states.values() if t is not None]
+
+
+class linear_row:
+    """Within the block, a linear-attention cache layer is row `row` of itself: its states are views of
+    that row, which the layer's in-place updates write through."""
+
+    def __init__(self, layer, row: int):
+        self.layer, self.row = layer, row
+
+    def __enter__(self):
+        layer, row = self.layer, self.row
+        self.saved = (dict(layer.conv_states), dict(layer.recurrent_states))
+        for states in (layer.conv_states, layer.recurrent_states):
+            for key, t in states.items():
+                if t is not None:
+                    states[key] = t[row:row + 1]
+        return layer
+
+    def __exit__(self, *exc):
+        self.layer.conv_states, self.layer.recurrent_states = self.saved

@@ -21,6 +21,7 @@ import torch
 from . import _compat, copies
 from .cache import PivotKVCache
 from .evict import evict
+from .linear import LinearSwitch
 from .parallel import TensorParallel
 from .plan import StepPlan
 
@@ -88,6 +89,7 @@ def _decoder_hook(module, args, kwargs):
     cache = _compat.cache_from_kwargs(kwargs)
     if not isinstance(cache, PivotKVCache):
         return None
+    cache.configure(_compat.linear_attention_indices(getattr(module, "config", None)))
     step = kwargs.get(STEP_KWARG)
     if step is None:
         step = kwargs[STEP_KWARG] = Step(cache)
@@ -127,6 +129,7 @@ class AttentionSwitch:
         self.previous = impl
         _compat.set_attention_implementation(model, PREFIX + impl)
         self._hook = _compat.decoder(model).register_forward_pre_hook(_decoder_hook, with_kwargs=True)
+        self._linear = LinearSwitch(model, STEP_KWARG)
         setattr(model, _ATTR, self)
         copies.hold(model, self, fix=disable_pivotkv_attention)
 
@@ -138,6 +141,7 @@ class AttentionSwitch:
         if not self.active:
             return
         self._hook.remove()
+        self._linear.remove()
         _compat.set_attention_implementation(self.model, self.previous)
         delattr(self.model, _ATTR)
         copies.release(self.model, self)

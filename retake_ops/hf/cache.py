@@ -26,6 +26,7 @@ import torch
 from transformers.cache_utils import DynamicCache, DynamicLayer
 
 from ..checks import check_ratio
+from . import _compat
 from ._warn import warn
 
 PIVOT_OVERFLOW = ("evict", "keep", "raise")
@@ -343,10 +344,27 @@ class PivotKVCache(DynamicCache):
             self.layers.append(PivotKVLayer(self, len(self.layers)))
         return super().update(key_states, value_states, layer_idx, *args, **kwargs)
 
+    def configure(self, linear_layers: list[int]) -> None:
+        """Lay out the layers of a hybrid model before its first forward: transformers' linear-attention
+        cache layer (a recurrent state, nothing to evict) at the indices in linear_layers, a PivotKVLayer
+        at the others up to the last linear one (later ones are added as they come). No-op once laid out."""
+        if self.layers or not linear_layers:
+            return
+        self.layers.extend(_compat.linear_attention_cache_layer() if i in linear_layers else PivotKVLayer(self, i)
+                           for i in range(max(linear_layers) + 1))
+
+    def kv_layer_indices(self) -> list[int]:
+        return [layer.layer_idx for layer in self.kv_layers]
+
+    @property
+    def kv_layers(self) -> list[PivotKVLayer]:
+        """The layers that hold keys and values (all but a hybrid model's linear-attention layers)."""
+        return [layer for layer in self.layers if isinstance(layer, PivotKVLayer)]
+
     def note_update(self, layer_idx: int, q_len: int) -> None:
         """Warn once when a multi-token forward fills a cache that no chunked prefill has filled."""
         self.planned |= self.prefilling
-        if layer_idx == 0 and q_len > 1 and not self.planned and not self._warned_unplanned:
+        if q_len > 1 and not self.planned and not self._warned_unplanned:
             self._warned_unplanned = True
             warn(
                 f"PivotKVCache: a forward added {q_len} tokens outside a chunked prefill, so nothing was evicted "
@@ -354,10 +372,14 @@ class PivotKVCache(DynamicCache):
                 "retake_ops.hf.chunked_prefill, or use retake_ops.hf.apply_retake on a VideoLLM")
 
     def _layer(self, layer_idx: int) -> PivotKVLayer:
-        if not 0 <= layer_idx < len(self.layers) or not self.layers[layer_idx].is_initialized:
+        layer = self.layers[layer_idx] if 0 <= layer_idx < len(self.layers) else None
+        if layer is not None and not isinstance(layer, PivotKVLayer):
+            raise ValueError(f"PivotKVCache: layer {layer_idx} is a linear-attention layer (a recurrent state, no "
+                             f"keys to keep); the layers holding keys are {self.kv_layer_indices()}")
+        if layer is None or not layer.is_initialized:
             raise ValueError(f"PivotKVCache: layer_idx must name a filled layer in [0, {len(self.layers)}), "
                              f"got {layer_idx}")
-        return self.layers[layer_idx]
+        return layer
 
     def kept_positions(self, layer_idx: int) -> torch.Tensor:
         """Sequence positions of the tokens a layer holds, int64 [B, L_held]; -1 for a slot that holds
@@ -387,7 +409,7 @@ class PivotKVCache(DynamicCache):
     def reserve(self, slots: int) -> None:
         """Allocate room for `slots` slots per layer up front (a planned prefill knows its peak)."""
         self.reserved = slots
-        for layer in self.layers:
+        for layer in self.kv_layers:
             if layer.is_initialized:
                 layer._ensure_capacity(slots, slack=False)
 

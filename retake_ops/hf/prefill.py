@@ -65,7 +65,8 @@ def run_planned(model, cache: PivotKVCache, plans: list[StepPlan], step_inputs, 
 
 def _capacity(cache: PivotKVCache, plans: list[StepPlan]) -> int:
     """Slots the prefill needs at its peak: what is held, plus what earlier forwards keep, plus a forward."""
-    held = cache.layers[0].length if cache.layers and cache.layers[0].is_initialized else 0
+    first = cache.kv_layers[:1]
+    held = first[0].length if first and first[0].is_initialized else 0
     need = held
     for plan in plans:
         need = max(need, held + plan.length)
@@ -75,8 +76,8 @@ def _capacity(cache: PivotKVCache, plans: list[StepPlan]) -> int:
 
 def _check_layers_reached(model, cache: PivotKVCache, index: int) -> None:
     """Every cache layer must have gone through the PivotKV attention function."""
-    missed = [layer.layer_idx for layer in cache.layers if not layer.seen]
-    if not cache.layers or missed:
+    missed = [layer.layer_idx for layer in cache.kv_layers if not layer.seen]
+    if not cache.kv_layers or missed:
         raise ValueError(
             f"chunked_prefill: model {type(model).__name__} does not route attention through transformers' "
             f"AttentionInterface (layers {missed or 'none'} of the cache were not reached in forward {index}); "

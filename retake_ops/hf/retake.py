@@ -299,10 +299,11 @@ def check_model(model, family, config: RetakeConfig) -> None:
         raise ValueError(f"apply_retake: {type(model).__name__} uses attn_implementation={impl!r}; expected one of "
                          f"{list(_compat.WRAPPABLE)} (load the model with attn_implementation='sdpa' or 'eager')")
     layer_types = getattr(_compat.decoder_config(model), "layer_types", None) or []
-    sliding = sorted({t for t in layer_types if t != "full_attention"})
+    # Linear-attention layers (hybrid models) keep a recurrent state that PivotKV never evicts from.
+    sliding = sorted({t for t in layer_types if t not in ("full_attention", "linear_attention")})
     if sliding:
         raise ValueError(f"apply_retake: {type(model).__name__} has {sliding} decoder layers; the ReTaKe prefill "
-                         "supports full attention only (set use_sliding_window=False)")
+                         "supports full and linear attention only (set use_sliding_window=False)")
     if config.reforge_positions and not family.supports_reforge:
         raise ValueError(f"apply_retake: reforge_positions=True is not available for {family.name}; use "
                          "reforge_positions=False")
@@ -413,6 +414,18 @@ def apply_retake_to_qwen3_vl_moe(model=None, config: RetakeConfig | None = None,
     return _apply("qwen3_vl_moe", model, config, overrides)
 
 
+def apply_retake_to_qwen3_5(model=None, config: RetakeConfig | None = None, **overrides) -> RetakeHandle:
+    """ReTaKe for Qwen3.5 (hybrid: PivotKV in its full-attention layers): patch `model`, or with model=None the
+    class (every model, also later ones)."""
+    return _apply("qwen3_5", model, config, overrides)
+
+
+def apply_retake_to_qwen3_5_moe(model=None, config: RetakeConfig | None = None, **overrides) -> RetakeHandle:
+    """ReTaKe for Qwen3.5-MoE (hybrid: PivotKV in its full-attention layers): patch `model`, or with model=None the
+    class (every model, also later ones)."""
+    return _apply("qwen3_5_moe", model, config, overrides)
+
+
 def apply_retake_to_glm4v(model=None, config: RetakeConfig | None = None, **overrides) -> RetakeHandle:
     """ReTaKe for GLM-4.1V: patch `model`, or with model=None the class (every model, also later ones)."""
     return _apply("glm4v", model, config, overrides)
@@ -438,6 +451,8 @@ MODEL_TYPE_TO_APPLY_FN = {
     "qwen2_5_vl": apply_retake_to_qwen2_5_vl,
     "qwen3_vl": apply_retake_to_qwen3_vl,
     "qwen3_vl_moe": apply_retake_to_qwen3_vl_moe,
+    "qwen3_5": apply_retake_to_qwen3_5,
+    "qwen3_5_moe": apply_retake_to_qwen3_5_moe,
     "glm4v": apply_retake_to_glm4v,
     "glm4v_moe": apply_retake_to_glm4v_moe,
     "glm46v": apply_retake_to_glm46v,

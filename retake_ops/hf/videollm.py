@@ -25,7 +25,7 @@ import torch
 
 from .. import dpselect, target_frames
 from . import _compat
-from .cache import PivotKVCache
+from .cache import PivotKVCache, PivotKVLayer
 from .parallel import TensorParallel
 from .plan import plan_step
 from .prefill import run_planned
@@ -54,16 +54,26 @@ class RetakeReport:
     """One ReTaKe prefill: per video what was kept; per layer what the cache held after it."""
 
     videos: list[VideoReport]
-    positions: list[torch.Tensor]  # per layer, int64 [B, L_held] on the CPU: input_ids column of each held token
+    # per layer, int64 [B, L_held] on the CPU: input_ids column of each held token; None for a hybrid model's
+    # linear-attention layer (a recurrent state that saw every kept frame, nothing evicted)
+    positions: list[torch.Tensor | None]
     prefill_seconds: float
     tensor_parallel: TensorParallel | None = None  # the group the scores were all-reduced over; None: one process
 
-    def held_tokens(self) -> list[torch.Tensor]:
-        """Per layer, int64 [B]: real tokens held (text and kept video tokens)."""
-        return [(p >= 0).sum(1) for p in self.positions]
+    @property
+    def compressed_layers(self) -> list[int]:
+        """The layers PivotKV compressed: every layer, but for a hybrid model only its full-attention ones."""
+        return [i for i, p in enumerate(self.positions) if p is not None]
+
+    def held_tokens(self) -> list[torch.Tensor | None]:
+        """Per layer, int64 [B]: real tokens held (text and kept video tokens); None for a linear-attention layer."""
+        return [None if p is None else (p >= 0).sum(1) for p in self.positions]
 
     def kept_positions(self, layer: int) -> torch.Tensor:
         """int64 [B, L_held]: the input_ids column of every token a layer holds (-1: a masked slot)."""
+        if self.positions[layer] is None:
+            raise ValueError(f"RetakeReport.kept_positions: layer {layer} is a linear-attention layer, which holds a "
+                             f"recurrent state, not tokens; the compressed layers are {self.compressed_layers}")
         return self.positions[layer]
 
 
@@ -335,7 +345,7 @@ def retake_prefill(model, family, config, kwargs: dict, forward):
                       names=names)
 
     columns = torch.where(amap >= 0, world.src.gather(1, amap.clamp(min=0)), -1)
-    for layer in cache.layers:
+    for layer in cache.kv_layers:
         layer.rebase(columns, length)
     full_last = (full_positions[0] if full_positions.dim() == 3 else full_positions)[:, -1]
     short_last = (positions[0] if positions.dim() == 3 else positions)[:, -1]
@@ -353,5 +363,5 @@ def retake_prefill(model, family, config, kwargs: dict, forward):
             keyframes=piv.cpu() if config.per_patch else idx[piv].cpu(),
             tokens=len(video.frames) * video.tokens_per_frame, kept_tokens=idx.numel() if config.per_patch
             else idx.numel() * video.tokens_per_frame, kv_keep_ratio=ratios[row]))
-    held = [layer.positions.cpu() for layer in cache.layers]
+    held = [layer.positions.cpu() if isinstance(layer, PivotKVLayer) else None for layer in cache.layers]
     return out, RetakeReport(reports, held, time.perf_counter() - started, cache.tensor_parallel)
