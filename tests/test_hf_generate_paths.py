@@ -217,6 +217,7 @@ def assert_unpatched(model, impl="sdpa"):
     assert not [name for name in RETAKE_ATTRIBUTES if name in model.__dict__]
     assert model.config.get_text_config(decoder=True)._attn_implementation == impl
     assert not any(m._forward_pre_hooks for m in model.modules())
+    assert not [name for name, m in model.named_modules() if "forward" in m.__dict__]  # hybrids' linear layers
 
 
 def greedy(model, inputs):
