@@ -7,7 +7,9 @@ forward pre-hook on the decoder. For a forward whose cache is a PivotKVCache the
 `Step` (the cache and, during a planned prefill, the forward's plan) to every attention call
 as a keyword argument, and moves the positions of later tokens by what the cache gave up
 (re-forging, dropped frames). The attention function then runs the model's own eager or sdpa
-attention with the held slots' mask columns rebuilt, and evicts after it. Forwards with any
+attention with the held slots' mask columns rebuilt, and evicts after it. A hybrid model's
+linear-attention modules get the forwards of retake_ops.hf.linear (their recurrent state is
+carried exactly through planned forwards), and the cache lays out their state layers. Forwards with any
 other cache pass straight through, so the switch is harmless for them. `remove()` (or leaving
 the `with` block, or `disable_pivotkv_attention`) restores the model exactly; a copy of a
 switched model (deepcopy, pickle) has the original attention (retake_ops.hf.copies).

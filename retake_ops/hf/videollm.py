@@ -13,6 +13,8 @@
    chunk every layer keeps, per row, keep_tokens(n, ratio) of its n video tokens (PivotKV,
    pivots first); with question guidance the question's tokens run after the chunk as extra
    scoring queries, at positions continuing right after everything fed so far, and are dropped.
+   A hybrid decoder's linear-attention layers evict nothing: their recurrent state carries every
+   kept frame from chunk to chunk (retake_ops.hf.linear), and the probe never advances it.
 5. The cache then speaks the input's columns (so generate() and plain calls continue on the
    full input_ids) and later tokens run at the shorter video's positions.
 """
