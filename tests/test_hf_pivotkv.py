@@ -11,13 +11,14 @@ import copy
 
 import pytest
 import torch
-from transformers import (DynamicCache, LlamaConfig, LlamaForCausalLM, MistralConfig,
+from transformers import (DynamicCache, LlamaConfig, LlamaForCausalLM, MistralConfig, Qwen3_5ForCausalLM, Qwen3_5TextConfig,
                           MistralForCausalLM, Phi3Config, Phi3ForCausalLM, Qwen2Config, Qwen2ForCausalLM,
                           Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen3Config, Qwen3ForCausalLM)
 from transformers.models.qwen2_vl.configuration_qwen2_vl import Qwen2VLTextConfig
 from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VLTextModel
 
 import retake_ops
+from retake_ops.hf import _compat
 from retake_ops.hf import PivotKVCache, cache_arg, chunked_prefill, disable_pivotkv_attention, enable_pivotkv_attention
 
 from hf_oracle import HIDE, hiding
@@ -601,3 +602,31 @@ def test_reset_cache_prefills_as_a_new_one():
     for layer in range(n_layers(model)):
         assert torch.equal(reused.kept_positions(layer), fresh.kept_positions(layer))
     assert torch.equal(reused.position_shift, fresh.position_shift)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_hybrid_decoder_evicts_only_in_full_attention_layers(impl):
+    """Qwen3.5's text model: layer 0 linear attention (a gated delta net), layer 1 full attention. A padded
+    batch in chunks of 8: at keep ratio 1 the unchunked model's logits; at 0.5 layer 1 holds its chunks'
+    keep_tokens, and layer 0, which sees the same tokens either way, ends with the unchunked model's
+    recurrent state and convolution window (up to the delta rule's own rounding)."""
+    torch.manual_seed(0)
+    model = Qwen3_5ForCausalLM(Qwen3_5TextConfig(
+        **COMMON, head_dim=16, linear_key_head_dim=8, linear_value_head_dim=8, linear_num_key_heads=2,
+        linear_num_value_heads=4, layer_types=["linear_attention", "full_attention"], attn_implementation=impl)).eval()
+    ids = torch.randint(3, VOCAB, (2, 40), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    mask[1, :7] = 0
+    want = model(input_ids=ids, attention_mask=mask, use_cache=True)
+    want_cache = want["cache"] if "cache" in want else want["past_key_values"]
+    for ratio in (1.0, 0.5):
+        cache = PivotKVCache(keep_ratio=ratio)
+        got = chunked_prefill(model, ids, cache=cache, chunk_size=8, attention_mask=mask)
+        assert cache.kv_layer_indices() == [1]
+        for g, w in zip(_compat.linear_states(cache.layers[0]), _compat.linear_states(want_cache.layers[0]),
+                        strict=True):
+            assert float((g - w).norm() / w.norm()) <= 1e-5
+        if ratio == 1.0:
+            torch.testing.assert_close(got, want.logits[:, -1], rtol=0, atol=TOL)
+    # Chunks 0..3 evictable (the last stays whole): row 0 keeps 4 of 8 each, row 1 keeps 4 of its first chunk's 1.
+    assert cache.kept_valid(1).sum(1).tolist() == [4 * 4 + 8, 1 + 3 * 4 + 8]

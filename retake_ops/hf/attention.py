@@ -91,7 +91,7 @@ def _decoder_hook(module, args, kwargs):
     cache = _compat.cache_from_kwargs(kwargs)
     if not isinstance(cache, PivotKVCache):
         return None
-    cache.configure(_compat.linear_attention_indices(getattr(module, "config", None)))
+    cache.configure(getattr(getattr(module, "config", None), "layer_types", None))
     step = kwargs.get(STEP_KWARG)
     if step is None:
         step = kwargs[STEP_KWARG] = Step(cache)

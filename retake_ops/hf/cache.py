@@ -344,14 +344,14 @@ class PivotKVCache(DynamicCache):
             self.layers.append(PivotKVLayer(self, len(self.layers)))
         return super().update(key_states, value_states, layer_idx, *args, **kwargs)
 
-    def configure(self, linear_layers: list[int]) -> None:
-        """Lay out the layers of a hybrid model before its first forward: transformers' linear-attention
-        cache layer (a recurrent state, nothing to evict) at the indices in linear_layers, a PivotKVLayer
-        at the others up to the last linear one (later ones are added as they come). No-op once laid out."""
-        if self.layers or not linear_layers:
+    def configure(self, layer_types: list[str] | None) -> None:
+        """Lay out the layers of a hybrid model (config.layer_types with "linear_attention") before its first
+        forward: transformers' linear-attention cache layer (a recurrent state, nothing to evict) where the
+        types say so, a PivotKVLayer everywhere else. No-op for other models and once laid out."""
+        if self.layers or "linear_attention" not in (layer_types or []):
             return
-        self.layers.extend(_compat.linear_attention_cache_layer() if i in linear_layers else PivotKVLayer(self, i)
-                           for i in range(max(linear_layers) + 1))
+        self.layers.extend(_compat.linear_attention_cache_layer() if kind == "linear_attention"
+                           else PivotKVLayer(self, i) for i, kind in enumerate(layer_types))
 
     def kv_layer_indices(self) -> list[int]:
         return [layer.layer_idx for layer in self.kv_layers]
