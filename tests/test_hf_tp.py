@@ -1,16 +1,25 @@
 """PivotKV and ReTaKe under tensor parallelism: two gloo processes against one process.
 
-The tiny Llama and the tiny Qwen2-VL-shaped model (4 query / 2 kv heads, fp32) are saved with
-save_pretrained; `torch.distributed.run --nproc_per_node 2` (loopback, CPU, gloo) starts
-tests/tp_worker.py, whose ranks load them with `DistributedConfig(tp_plan="auto")` (2 query
-heads and 1 kv head per rank) and run the same cases as this process does without tensor
-parallelism: greedy generate() with and without PivotKV (chunked_prefill, Llama; pivots ranked
-first, and the original ReTaKe rule, force_pivots=False) and ReTaKe (apply_retake, Qwen2-VL, a
-left-padded batch of two videos). Each rank's greedy tokens must be the single process's and its
-logits within 1e-5; the tokens each layer keeps must be the same on both ranks and the same as
-in one process, and so must the scores they were selected by, within fp32 rounding. The workers
-then prefill once more with the score all-reduce taken away, and the ranks must keep different
-tokens: the comparison can fail.
+The tiny Llama and the tiny VideoLLMs of tp_worker.VIDEOLLMS (Qwen2-VL, Qwen3-VL-MoE, GLM-4.1V,
+GLM-4.5V, GLM-4.6V; 4 query / 2 kv heads, fp32) are saved with save_pretrained;
+`torch.distributed.run --nproc_per_node 2` (loopback, CPU, gloo) starts tests/tp_worker.py, whose
+ranks load them with `DistributedConfig(tp_plan="auto")` (2 query heads and 1 kv head per rank) and
+run the same cases as this process does without tensor parallelism: greedy generate() with and
+without PivotKV (chunked_prefill, Llama; pivots ranked first, and the original ReTaKe rule,
+force_pivots=False) and ReTaKe (apply_retake, each VideoLLM, a left-padded batch of two videos).
+Each rank's greedy tokens must be the single process's and its logits within 1e-5; the tokens each
+layer keeps must be the same on both ranks and the same as in one process, and so must the scores
+they were selected by, within fp32 rounding. The workers then prefill once more with the score
+all-reduce taken away, and the ranks must keep different tokens: the comparison can fail.
+
+The mixture-of-experts models: transformers 5.24's plan shards GLM-4.5V's routed and shared experts
+(5.17's leaves them whole on every rank). It would shard Qwen3-VL-MoE's too, but cannot load them so:
+its checkpoint conversion (Transpose(check_dims=True)) compares a rank's shard with the whole
+parameter's shape, finds them different and transposes the shard, and from_pretrained refuses the
+size mismatch before any ReTaKe code runs. That case therefore runs with the experts whole on every
+rank (tp_worker.REPLICATED: the "replicate" rule for them), its attention sharded as planned, and a
+test pins the failure so that it is noticed when transformers fixes it. On 5.17 the plan shards no
+expert and tp_plan="auto" loads it as it is.
 """
 import os
 import pathlib
@@ -25,7 +34,7 @@ import torch
 from retake_ops.hf import PivotKVCache, chunked_prefill
 from retake_ops.hf import parallel
 from retake_ops.kernels.pivot_kv_compress import select_tokens
-from tp_worker import LLAMA, load_models, run_cases, save_models
+from tp_worker import LLAMA, REPLICATED, VIDEOLLMS, load_models, run_cases, save_models
 
 pytestmark = pytest.mark.filterwarnings("error::FutureWarning", "error::DeprecationWarning")
 
@@ -33,8 +42,9 @@ TOL = 1e-5
 SCORE_RTOL = 1e-6  # fp32 scores near 1: the ranks' sums of two heads each round apart by an ulp or so
 TIMEOUT = 240  # seconds for the two workers, loading included (about 20 on two shared cores)
 WORKER = pathlib.Path(__file__).with_name("tp_worker.py")
-CASES = ["llama", "llama_pivotkv", "llama_pivotkv_unforced", "qwen2_vl", "qwen2_vl_retake"]
-COMPRESSED = ["llama_pivotkv", "llama_pivotkv_unforced", "qwen2_vl_retake"]
+RETAKE = [f"{family}_retake" for family in VIDEOLLMS]
+CASES = ["llama", "llama_pivotkv", "llama_pivotkv_unforced", *VIDEOLLMS, *RETAKE]
+COMPRESSED = ["llama_pivotkv", "llama_pivotkv_unforced", *RETAKE]
 
 
 def free_port() -> int:
@@ -74,8 +84,9 @@ def runs(tmp_path_factory):
     save_models(models)
     output = launch(models, out)
     ranks = [torch.load(out / f"rank{r}.pt") for r in range(2)]
-    single = run_cases(*load_models(models))
-    return single, ranks, output
+    llama, videollms, mismatched = load_models(models)
+    assert not any(mismatched.values()), mismatched
+    return run_cases(llama, videollms), ranks, output
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -110,7 +121,7 @@ def test_every_rank_scores_the_tokens_as_one_process_does(runs, case):
     would keep the same tokens."""
     single, ranks, _ = runs
     want = [scores for scores, *_ in single[case]["selections"]]
-    assert len(want) == 10  # 2 layers x 5 evictions each (Llama: chunks; Qwen2-VL: chunks' row groups)
+    assert len(want) == 10  # 2 layers x 5 evictions each (Llama: chunks; VideoLLMs: chunks' row groups)
     for rank, got in enumerate(ranks):
         got = [scores for scores, *_ in got[case]["selections"]]
         assert len(got) == len(want)
@@ -130,22 +141,23 @@ def test_without_forced_pivots_the_kept_tokens_depend_on_the_scale_of_the_scores
                for scores, *rest in calls)
 
 
-def test_every_rank_sees_the_same_video_features_and_frames(runs):
+@pytest.mark.parametrize("case", RETAKE)
+def test_every_rank_sees_the_same_video_features_and_frames(runs, case):
     """The vision tower is replicated: its features, so DPSelect's frames and keyframes, agree."""
     single, ranks, _ = runs
-    want = single["qwen2_vl_retake"]
-    assert torch.equal(ranks[0]["qwen2_vl_retake"]["features"], ranks[1]["qwen2_vl_retake"]["features"])
+    want = single[case]
+    assert torch.equal(ranks[0][case]["features"], ranks[1][case]["features"])
     for got in ranks:
-        torch.testing.assert_close(got["qwen2_vl_retake"]["features"], want["features"], rtol=0, atol=TOL)
+        torch.testing.assert_close(got[case]["features"], want["features"], rtol=0, atol=TOL)
         for key in ("frames", "keyframes"):
-            assert all(torch.equal(g, w) for g, w in zip(got["qwen2_vl_retake"][key], want[key]))
+            assert all(torch.equal(g, w) for g, w in zip(got[case][key], want[key]))
     assert [len(f) for f in want["frames"]] == [6, 4]  # frame_keep_ratio 0.75 of 8 and 5 frames
 
 
 def test_the_process_group_is_the_models_and_is_named(runs):
     single, ranks, output = runs
     for got in ranks:
-        assert got["tp_size"] == (2, 2)
+        assert got["tp_size"] == {name: 2 for name in ["llama", *VIDEOLLMS]}
         for case in COMPRESSED:
             assert got[case]["group"].startswith("the tensor-parallel process group of the model's device mesh")
             assert "2 ranks [0, 1], backend gloo, 2 of 4 query heads per rank" in got[case]["group"]
@@ -156,7 +168,7 @@ def test_the_process_group_is_the_models_and_is_named(runs):
 def test_without_the_all_reduce_the_ranks_keep_different_tokens(runs):
     """Each rank scoring its own heads alone: the ranks' caches disagree, and the comparison above fails."""
     _, ranks, _ = runs
-    for case in ("llama_pivotkv", "qwen2_vl_retake"):  # the prefills forgotten_all_reduce reruns
+    for case in ("llama_pivotkv", *RETAKE):  # the prefills forgotten_all_reduce reruns
         first, second = (r["forgotten"][case] for r in ranks)
         assert any(not torch.equal(a, b) for a, b in zip(first, second)), case
 
@@ -181,3 +193,19 @@ def test_one_process_finds_no_group_and_scores_as_before():
     with torch.no_grad():
         chunked_prefill(model, torch.randint(3, 120, (1, 40)), cache=cache, chunk_size=16)
     assert cache.tensor_parallel is None
+
+
+def test_the_auto_plan_loads_every_weight_but_qwen3_vl_moes_sharded_experts(runs):
+    """tp_plan="auto" loads every model whole, except Qwen3-VL-MoE where transformers' plan shards its
+    experts: then each rank's expert shard comes out transposed (tp_worker.REPLICATED says why) and that
+    case runs with the experts replicated. When transformers loads them, this fails: drop REPLICATED."""
+    from transformers import Qwen3VLMoeTextConfig
+
+    _, ranks, _ = runs
+    shards_experts = any(".mlp.experts" in rule for rule in Qwen3VLMoeTextConfig.base_model_tp_plan)
+    for got in ranks:
+        assert {family for family, keys in got["mismatched"].items() if keys} == (
+            set(REPLICATED) if shards_experts else set())
+        for name, checkpoint, model in got["mismatched"].get("qwen3_vl_moe", []):
+            assert name.endswith((".mlp.experts.gate_up_proj", ".mlp.experts.down_proj")), name
+            assert tuple(checkpoint) == (model[0], model[2], model[1]), (name, checkpoint, model)

@@ -3,13 +3,14 @@
     python -m torch.distributed.run --nproc_per_node 2 --master_addr 127.0.0.1 --master_port PORT \
         tests/tp_worker.py MODELS_DIR OUT_DIR
 
-Every rank loads the tiny models saved in MODELS_DIR with tensor parallelism (gloo, CPU, fp32),
+Every rank loads the tiny Llama and VideoLLMs saved in MODELS_DIR with tensor parallelism (gloo, CPU, fp32),
 runs `run_cases` and saves what it saw to OUT_DIR/rank{r}.pt; the test runs the same cases in a
 single process and compares. Then every rank runs the PivotKV prefills once more with the
 score all-reduce taken away (`forgotten_all_reduce`): the ranks must then keep different tokens,
 which shows that the comparison can fail.
 """
 import contextlib
+import functools
 import logging
 import os
 import sys
@@ -21,39 +22,55 @@ import torch
 STEPS = 5
 LLAMA = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
              vocab_size=128, max_position_embeddings=1024, pad_token_id=0, bos_token_id=1, eos_token_id=2)
-LLAMA_IMPL, QWEN_IMPL = "eager", "sdpa"
+LLAMA_IMPL, VIDEOLLM_IMPL = "eager", "sdpa"
 PREFILL, CHUNK, RATIO = 96, 16, 0.25
 # force_pivots=False scores a pivot 1.0, among the chunk's scores (about 1.0 for the tiny Llama): keeping
 # 12 of 16, a chunk's pivot is kept, and would be evicted were the scores twice too large.
 UNFORCED_RATIO = 0.75
-QWEN_FRAMES = [8, 5]  # a left-padded batch of two videos of different lengths
+VIDEOLLMS = ["qwen2_vl", "qwen3_vl_moe", "glm4v", "glm4v_moe", "glm46v"]
+# Where transformers' "auto" plan shards Qwen3-VL-MoE's experts (5.24), its checkpoint conversion transposes
+# each rank's shard (a Transpose(check_dims=True) compares the shard with the full parameter's shape), so
+# the expert weights do not load; these rules keep them whole on every rank, attention stays sharded.
+REPLICATED = {"qwen3_vl_moe": [f"model.language_model.layers.*.mlp.experts{name}"
+                               for name in ("", ".gate_up_proj", ".down_proj")]}
+FRAMES = [8, 5]  # a left-padded batch of two videos of different lengths
 RETAKE = dict(frame_keep_ratio=0.75, kv_keep_ratio=0.25, chunk_frames=4, window=5)
 
 
 def save_models(path):
-    """The tiny Llama and Qwen2-VL-shaped model, saved with save_pretrained under path/llama, path/qwen2_vl."""
+    """The tiny Llama and VideoLLMs, saved with save_pretrained under path/llama, path/<family>."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from videollm_tiny import build
 
     torch.manual_seed(0)
     LlamaForCausalLM(LlamaConfig(**LLAMA)).save_pretrained(os.path.join(path, "llama"))
-    build("qwen2_vl").save_pretrained(os.path.join(path, "qwen2_vl"))
+    for family in VIDEOLLMS:
+        build(family).save_pretrained(os.path.join(path, family))
 
 
-def load_models(path, **kwargs):
-    """Both models from path; kwargs go to from_pretrained (the distributed config for a rank)."""
-    from transformers import AutoModelForCausalLM, Qwen2VLForConditionalGeneration
+def load_models(path, tp=False):
+    """The Llama and {family: VideoLLM} from path, with tensor parallelism (tp_plan="auto") for a rank, and
+    per family the weights transformers' "auto" plan could not load: (name, checkpoint shape, model shape)."""
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
+    from transformers.distributed import DistributedConfig
 
+    plan = dict(distributed_config=DistributedConfig(tp_plan="auto")) if tp else {}
     llama = AutoModelForCausalLM.from_pretrained(os.path.join(path, "llama"), attn_implementation=LLAMA_IMPL,
-                                                 dtype=torch.float32, **kwargs).eval()
-    qwen = Qwen2VLForConditionalGeneration.from_pretrained(os.path.join(path, "qwen2_vl"),
-                                                           attn_implementation=QWEN_IMPL, dtype=torch.float32,
-                                                           **kwargs).eval()
-    for model in (llama, qwen):
+                                                 dtype=torch.float32, **plan).eval()
+    videollms, mismatched = {}, {}
+    for family in VIDEOLLMS:
+        load = functools.partial(AutoModelForImageTextToText.from_pretrained, os.path.join(path, family),
+                                 attn_implementation=VIDEOLLM_IMPL, dtype=torch.float32)
+        model, info = load(**plan, ignore_mismatched_sizes=True, output_loading_info=True)
+        mismatched[family] = sorted(info["mismatched_keys"])
+        if mismatched[family] and family in REPLICATED:
+            model = load(distributed_config=DistributedConfig(tp_plan=dict.fromkeys(REPLICATED[family], "replicate")))
+        videollms[family] = model.eval()
+    for model in (llama, *videollms.values()):
         model.generation_config.eos_token_id = None  # fixed-length greedy runs
         model.generation_config.pad_token_id = 0
-    return llama, qwen
+    return llama, videollms, mismatched
 
 
 def llama_inputs():
@@ -63,11 +80,11 @@ def llama_inputs():
     return ids, pivots
 
 
-def qwen_inputs():
+def videollm_inputs(family):
     from videollm_tiny import make_inputs, make_videos
 
-    videos = make_videos("qwen2_vl", QWEN_FRAMES, seed=3)
-    return make_inputs("qwen2_vl", videos, [[5, 6, 7], [5, 6, 7, 8, 9]], [[20, 21, 22, 23], [24, 25, 26]])
+    videos = make_videos(family, FRAMES, seed=3)
+    return make_inputs(family, videos, [[5, 6, 7], [5, 6, 7, 8, 9]], [[20, 21, 22, 23], [24, 25, 26]])
 
 
 def greedy(model, **inputs):
@@ -111,12 +128,12 @@ def llama_pivotkv(model, keep_ratio=RATIO, force_pivots=True):
     return out
 
 
-def qwen_retake(model):
+def retake(family, model):
     """apply_retake + generate(): the vision features, DPSelect's picks, PivotKV's selections, the
     layers' kept columns."""
     from retake_ops.hf import apply_retake
 
-    inputs = qwen_inputs()
+    inputs = videollm_inputs(family)
     features = model.get_video_features(inputs["pixel_values_videos"], inputs["video_grid_thw"], return_dict=True)
     with apply_retake(model, **RETAKE) as handle, selections() as picked:
         out = greedy(model, **inputs)
@@ -128,7 +145,7 @@ def qwen_retake(model):
                 seen=inputs["attention_mask"].sum(1) - torch.tensor([v.tokens - v.kept_tokens for v in report.videos]))
 
 
-def run_cases(llama, qwen):
+def run_cases(llama, videollms):
     """Every case, with and without PivotKV / ReTaKe; transformers' deprecations are errors."""
     with warnings.catch_warnings():
         warnings.simplefilter("error", FutureWarning)
@@ -136,12 +153,15 @@ def run_cases(llama, qwen):
         warnings.filterwarnings("ignore", "PivotKV. pivot tokens outnumber")
         with torch.no_grad():
             ids, _ = llama_inputs()
-            return {"llama": greedy(llama, input_ids=ids), "llama_pivotkv": llama_pivotkv(llama),
-                    "llama_pivotkv_unforced": llama_pivotkv(llama, UNFORCED_RATIO, force_pivots=False),
-                    "qwen2_vl": greedy(qwen, **qwen_inputs()), "qwen2_vl_retake": qwen_retake(qwen)}
+            cases = {"llama": greedy(llama, input_ids=ids), "llama_pivotkv": llama_pivotkv(llama),
+                     "llama_pivotkv_unforced": llama_pivotkv(llama, UNFORCED_RATIO, force_pivots=False)}
+            for family, model in videollms.items():
+                cases[family] = greedy(model, **videollm_inputs(family))
+                cases[f"{family}_retake"] = retake(family, model)
+            return cases
 
 
-def forgotten_all_reduce(llama, qwen):
+def forgotten_all_reduce(llama, videollms):
     """The PivotKV prefills' kept positions with every rank scoring its own heads alone."""
     from retake_ops.hf import parallel
 
@@ -150,23 +170,24 @@ def forgotten_all_reduce(llama, qwen):
     try:
         with warnings.catch_warnings(), torch.no_grad():
             warnings.filterwarnings("ignore", "PivotKV. pivot tokens outnumber")
-            return {"llama_pivotkv": llama_pivotkv(llama)["kept"], "qwen2_vl_retake": qwen_retake(qwen)["kept"]}
+            return {"llama_pivotkv": llama_pivotkv(llama)["kept"],
+                    **{f"{family}_retake": retake(family, model)["kept"] for family, model in videollms.items()}}
     finally:
         parallel.all_reduce = reduce
 
 
 def main(models, out):
     import torch.distributed as dist
-    from transformers.distributed import DistributedConfig
 
     dist.init_process_group("gloo")
     logging.basicConfig(level=logging.WARNING, format="rank %(process)d %(name)s %(message)s")
     logging.getLogger("retake_ops.hf").setLevel(logging.INFO)
     rank = dist.get_rank()
-    llama, qwen = load_models(models, distributed_config=DistributedConfig(tp_plan="auto"))
-    results = run_cases(llama, qwen)
-    results["tp_size"] = (llama.tp_size, qwen.tp_size)
-    results["forgotten"] = forgotten_all_reduce(llama, qwen)
+    llama, videollms, mismatched = load_models(models, tp=True)
+    results = run_cases(llama, videollms)
+    results["mismatched"] = mismatched
+    results["tp_size"] = {name: model.tp_size for name, model in [("llama", llama), *videollms.items()]}
+    results["forgotten"] = forgotten_all_reduce(llama, videollms)
     torch.save(results, os.path.join(out, f"rank{rank}.pt"))
     dist.barrier()
     dist.destroy_process_group()
