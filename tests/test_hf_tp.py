@@ -1,7 +1,7 @@
 """PivotKV and ReTaKe under tensor parallelism: two gloo processes against one process.
 
-The tiny Llama and the tiny VideoLLMs of tp_worker.VIDEOLLMS (Qwen2-VL, Qwen3-VL-MoE, GLM-4.1V,
-GLM-4.5V, GLM-4.6V; 4 query / 2 kv heads, fp32) are saved with save_pretrained;
+The tiny Llama and the tiny VideoLLMs of tp_worker.VIDEOLLMS (Qwen2-VL, Qwen3-VL-MoE, Qwen3.5
+(hybrid: the kept tokens of its full-attention layers are compared), GLM-4.1V, GLM-4.5V, GLM-4.6V; 4 query / 2 kv heads, fp32) are saved with save_pretrained;
 `torch.distributed.run --nproc_per_node 2` (loopback, CPU, gloo) starts tests/tp_worker.py, whose
 ranks load them with `DistributedConfig(tp_plan="auto")` (2 query heads and 1 kv head per rank) and
 run the same cases as this process does without tensor parallelism: greedy generate() with and

@@ -27,7 +27,7 @@ PREFILL, CHUNK, RATIO = 96, 16, 0.25
 # force_pivots=False scores a pivot 1.0, among the chunk's scores (about 1.0 for the tiny Llama): keeping
 # 12 of 16, a chunk's pivot is kept, and would be evicted were the scores twice too large.
 UNFORCED_RATIO = 0.75
-VIDEOLLMS = ["qwen2_vl", "qwen3_vl_moe", "glm4v", "glm4v_moe", "glm46v"]
+VIDEOLLMS = ["qwen2_vl", "qwen3_vl_moe", "qwen3_5", "glm4v", "glm4v_moe", "glm46v"]
 # Where transformers' "auto" plan shards Qwen3-VL-MoE's experts (5.24), its checkpoint conversion transposes
 # each rank's shard (a Transpose(check_dims=True) compares the shard with the full parameter's shape), so
 # the expert weights do not load; these rules keep them whole on every rank, attention stays sharded.
@@ -138,7 +138,7 @@ def retake(family, model):
     with apply_retake(model, **RETAKE) as handle, selections() as picked:
         out = greedy(model, **inputs)
     report = handle.report
-    return dict(out, features=torch.cat(list(features.pooler_output)), kept=[p.clone() for p in report.positions],
+    return dict(out, features=torch.cat(list(features.pooler_output)), kept=[report.positions[layer].clone() for layer in report.compressed_layers],
                 selections=picked,
                 frames=[v.kept_frames for v in report.videos], keyframes=[v.keyframes for v in report.videos],
                 group=str(report.tensor_parallel),
