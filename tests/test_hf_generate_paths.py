@@ -11,7 +11,9 @@ Copies of a patched model (deepcopy, copy, pickle, torch.save) are unpatched mod
 dtype moves keep the patch; warnings point at the caller's line; a plain forward's
 hidden_states and attentions cover the tokens its logits cover.
 """
+import contextlib
 import copy
+import inspect
 import io
 import pickle
 
@@ -23,7 +25,8 @@ from retake_ops.hf import (MODEL_TYPE_TO_APPLY_FN, PivotKVCache, RetakeConfig, a
                            cache_arg, chunked_prefill)
 from test_hf_pivotkv import build as build_decoder
 from test_hf_videollm import TOL, case, tol
-from videollm_tiny import BUILDERS, GLM, VEND, VSTART, build, frame_columns, make_inputs, make_videos
+from videollm_tiny import (BUILDERS, GLM, VEND, VSTART, build, frame_columns, make_inputs, make_videos,
+                           tokens_per_frame, video_mask)
 
 pytestmark = [pytest.mark.filterwarnings("error::FutureWarning", "error::DeprecationWarning"),
               pytest.mark.filterwarnings("ignore:PivotKV. pivot tokens outnumber"), pytest.mark.usefixtures("no_grad")]
@@ -70,6 +73,33 @@ def attempt(model, inputs, options):
 # Families whose own generate() fails on some of RUNS: the GLM families' beams and returned sequences on
 # transformers 5.24 repeat no video features ("torch.cat(): expected a non-empty list of Tensors").
 OWN_GENERATE_FAILS = GLM
+
+
+@contextlib.contextmanager
+def tiles_repeated_per_row(model, family, inputs):
+    """The unpatched reference for beams and returned sequences. transformers 5.17's generate() repeats
+    InternVL's pixel_values (the rows' frames, one row after the other) tile by tile, which gives a row's
+    copies frames of other rows; here each row's tiles repeat as a block, as 5.24 (which encodes them
+    before repeating) does."""
+    if family != "internvl" or "mm_encoder_outputs" in inspect.signature(type(model).forward).parameters:
+        yield
+        return
+    own = model._expand_inputs_for_generation
+    tiles = (video_mask(family, inputs["input_ids"]).sum(1) // tokens_per_frame(family)).tolist()
+
+    def expand(expand_size=1, is_encoder_decoder=False, input_ids=None, **kwargs):
+        pixels = kwargs.pop("pixel_values", None)
+        input_ids, kwargs = own(expand_size=expand_size, is_encoder_decoder=is_encoder_decoder,
+                                input_ids=input_ids, **kwargs)
+        if pixels is not None:
+            kwargs["pixel_values"] = torch.cat([row for row in pixels.split(tiles) for _ in range(expand_size)])
+        return input_ids, kwargs
+
+    model._expand_inputs_for_generation = expand
+    try:
+        yield
+    finally:
+        del model._expand_inputs_for_generation
 
 
 def assert_no_worse(got, want, family):
@@ -132,7 +162,8 @@ class Calls:
 def test_generate_options_equal_the_unpatched_model_or_are_refused_by_name(family, impl):
     model = build(family, impl)
     _, inputs = case(family, 2)
-    want = {name: attempt(model, inputs, options) for name, options in RUNS.items()}
+    with tiles_repeated_per_row(model, family, inputs):
+        want = {name: attempt(model, inputs, options) for name, options in RUNS.items()}
     # Text-only prompts never meet the ReTaKe prefill: every option runs as it does unpatched.
     text = {"input_ids": inputs["input_ids"][:, -4:], "attention_mask": inputs["attention_mask"][:, -4:]}
     want_text = [model.generate(**text, max_new_tokens=STEPS, do_sample=False, **o) for o in TEXT_ONLY]
@@ -157,7 +188,8 @@ def test_the_class_level_patch_serves_the_same_options(family):
     patch does (on transformers 5.24, where generate() no longer encodes videos itself)."""
     model = build(family, "sdpa")
     _, inputs = case(family, 2)
-    want = {name: attempt(model, inputs, RUNS[name]) for name in ("beams", "sampled-copies")}
+    with tiles_repeated_per_row(model, family, inputs):
+        want = {name: attempt(model, inputs, RUNS[name]) for name in ("beams", "sampled-copies")}
     handle = MODEL_TYPE_TO_APPLY_FN[family](config=ALL_ONE)
     try:
         for name, w in want.items():
@@ -258,7 +290,7 @@ def test_pickles_and_shallow_copies_are_unpatched_and_share_the_weights(family):
     _, inputs = case(family, 1)
     plain = copy.deepcopy(model)
     handle = apply_retake(model, ALL_ONE)
-    if family != "llava_onevision":  # once run, LLaVA-OneVision holds a hook pickle cannot take, patched or not
+    if family not in ("llava_onevision", "internvl"):  # once run, they hold a hook pickle cannot take, patched or not
         greedy(model, inputs)
     data = pickle.dumps(model)
     assert b"retake_ops" not in data, "the pickle needs retake_ops to load"

@@ -1,8 +1,8 @@
-"""ReTaKe on VideoLLMs in one line: apply_retake on Qwen2-VL, Qwen2.5-VL, Qwen3-VL, LLaVA-OneVision.
+"""ReTaKe on VideoLLMs in one line: apply_retake on every family of videollm_tiny.BUILDERS.
 
 Tiny random-weight models (videollm_tiny.py), fp32 on CPU, eager and sdpa, batch 1 and a
-left-padded batch of two (Qwen: videos of different lengths; LLaVA-OneVision: the same frame
-count, prompts of different lengths). Oracles, all run with the unpatched model:
+left-padded batch of two (Qwen, GLM and InternVL: videos of different lengths; LLaVA-OneVision:
+the same frame count, prompts of different lengths). Oracles, all run with the unpatched model:
 (a) every ratio at 1: the unpatched model on the same inputs;
 (b) frames dropped, every KV token kept: the unpatched model on the kept frames alone;
 (c) KV eviction: the unpatched model on the kept frames alone, with an attention function that
@@ -38,8 +38,8 @@ FAMILIES = list(BUILDERS)
 IMPLS = ["eager", "sdpa"]
 STEPS = 5
 FRAMES = {"qwen2_vl": [[8], [8, 5]], "qwen2_5_vl": [[8], [8, 5]], "qwen3_vl": [[7], [7, 4]],
-          "qwen3_vl_moe": [[7], [7, 4]], "qwen3_5": [[7], [7, 4]], "qwen3_5_moe": [[7], [7, 4]], "glm4v": [[7], [7, 4]], "glm4v_moe": [[7], [7, 4]], "glm46v": [[7], [7, 4]],
-          "llava_onevision": [[6], [6, 6]]}
+          "qwen3_vl_moe": [[7], [7, 4]], "qwen3_5": [[7], [7, 4]], "qwen3_5_moe": [[7], [7, 4]], "glm4v": [[7], [7, 4]],
+          "glm4v_moe": [[7], [7, 4]], "glm46v": [[7], [7, 4]], "internvl": [[7], [7, 4]], "llava_onevision": [[6], [6, 6]]}
 PROMPTS = {1: [[5, 6, 7]], 2: [[5, 6, 7], [5, 6, 7, 8, 9, 10, 11]]}
 QUESTIONS = {1: [[20, 21, 22, 23]], 2: [[20, 21, 22, 23], [24, 25, 26]]}
 
@@ -78,24 +78,18 @@ def kept_frames(report, batch):
 # The masked oracle (c).
 # ---------------------------------------------------------------------------------------
 def short_map(family, full, short, keep):
-    """Per row, int64 [L_full]: the column of each full-input column in the kept-frames input (-1: dropped),
-    and int64 [L_short] the kept frame slot of each short column's frame (-1: not a frame's)."""
+    """Per row, int64 [L_full]: the column in the kept-frames input of each video token of a kept frame (-1:
+    dropped, or not a video token), and int64 [L_short] the kept frame slot of each short column's frame
+    (-1: not a frame's). Matched frame by frame: a kept frame's text may differ (InternVL relabels it)."""
     maps, slots = [], []
     for b in range(full["input_ids"].shape[0]):
-        dropped, slot_of = set(), {}
-        for j, (unit, _) in enumerate(frame_columns(family, full, b)):
-            if j in keep[b]:
-                slot_of.update({c: keep[b].index(j) for c in unit})
-            else:
-                dropped.update(unit)
-        full_cols = [c for c in torch.nonzero(full["attention_mask"][b]).flatten().tolist() if c not in dropped]
-        short_cols = torch.nonzero(short["attention_mask"][b]).flatten().tolist()
-        assert len(full_cols) == len(short_cols)
+        full_frames, short_frames = frame_columns(family, full, b), frame_columns(family, short, b)
+        assert len(short_frames) == len(keep[b])
         m = torch.full((full["input_ids"].shape[1],), -1)
         s = torch.full((short["input_ids"].shape[1],), -1)
-        for f, c in zip(full_cols, short_cols):
-            m[f] = c
-            s[c] = slot_of.get(f, -1)
+        for slot, (j, (unit, tokens)) in enumerate(zip(keep[b], short_frames)):
+            s[unit] = slot
+            m[full_frames[j][1]] = torch.tensor(tokens)
         maps.append(m)
         slots.append(s)
     return maps, slots
@@ -203,6 +197,8 @@ def test_plain_forward_calls_continue_at_the_kept_frames_positions(family, batch
     videos, inputs = case(family, batch)
 
     def two_steps(m, x):
+        if batch == 2 and family not in QWEN:  # 1-D positions: as generate() passes them, which padded rows need
+            x = dict(x, position_ids=(x["attention_mask"].cumsum(-1) - 1).masked_fill(x["attention_mask"] == 0, 1))
         out = m(**x)
         cache = out["cache"] if "cache" in out else out["past_key_values"]
         nxt = out.logits[:, -1:].argmax(-1)
@@ -357,14 +353,14 @@ def test_max_kv_tokens_sets_the_ratio_per_video():
 
 
 @pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("family", QWEN)
+@pytest.mark.parametrize("family", QWEN + ("internvl",))
 def test_max_kv_tokens_rows_hold_their_own_budget(family, impl):
     """Videos of different lengths in one batch get different ratios, min(1, budget / video tokens): each
     layer holds, per row, keep_tokens(n, that row's ratio) of each chunk's n video tokens."""
     model = build(family, impl)
     _, inputs = case(family, 2)
-    budget, groups = 10, 2  # chunk_frames=4: two temporal groups per chunk
-    with apply_retake(model, max_kv_tokens=budget, chunk_frames=2 * groups) as handle:
+    budget, groups = 10, 2 if family in QWEN else 4  # chunk_frames=4: two temporal groups, or four frames
+    with apply_retake(model, max_kv_tokens=budget, chunk_frames=4) as handle:
         model(**inputs)
     per = tokens_per_frame(family)
     want, video = [], []
@@ -377,7 +373,7 @@ def test_max_kv_tokens_rows_hold_their_own_budget(family, impl):
         assert [int(torch.isin(row, cols).sum()) for row, cols in zip(held, video)] == want
 
 
-@pytest.mark.parametrize("family", ["qwen2_vl", "llava_onevision"])
+@pytest.mark.parametrize("family", ["qwen2_vl", "internvl", "llava_onevision"])
 def test_per_patch_selection_with_every_frame_kept_is_the_unpatched_model(family):
     model = build(family, "sdpa")
     _, inputs = case(family, 2)
@@ -454,15 +450,16 @@ def test_patching_twice_is_rejected():
 
 
 def test_model_type_table_covers_the_families():
-    assert sorted(MODEL_TYPE_TO_APPLY_FN) == ["glm46v", "glm4v", "glm4v_moe", "llava_onevision", "qwen2_5_vl",
-                                              "qwen2_vl", "qwen3_vl", "qwen3_vl_moe"]
+    assert sorted(MODEL_TYPE_TO_APPLY_FN) == ["glm46v", "glm4v", "glm4v_moe", "internvl", "llava_onevision",
+                                              "qwen2_5_vl", "qwen2_vl", "qwen3_5", "qwen3_5_moe", "qwen3_vl",
+                                              "qwen3_vl_moe"]
 
 
 def test_unsupported_model_is_rejected():
     model = LlamaForCausalLM(LlamaConfig(**TEXT))
     with pytest.raises(ValueError, match=r"model LlamaForCausalLM has model_type 'llama'; ReTaKe supports "
-                                         r"\['glm46v', 'glm4v', 'glm4v_moe', 'llava_onevision', 'qwen2_5_vl', 'qwen2_vl', 'qwen3_vl', "
-                                         r"'qwen3_vl_moe'\]"):
+                                         r"\['glm46v', 'glm4v', 'glm4v_moe', 'internvl', 'llava_onevision', 'qwen2_5_vl', "
+                                         r"'qwen2_vl', 'qwen3_5', 'qwen3_5_moe', 'qwen3_vl', 'qwen3_vl_moe'\]"):
         apply_retake(model)
     with pytest.raises(ValueError, match=r"apply_retake_to_qwen2_vl: model LlavaOnevisionForConditionalGeneration has "
                                          r"model_type 'llava_onevision', expected one of \['qwen2_vl'\]"):
@@ -648,7 +645,7 @@ def test_one_frame_llava_video_is_the_unpatched_model():
     assert handle.report.videos[0].frames == 1 and handle.report.videos[0].kept_tokens == 4
 
 
-@pytest.mark.parametrize("family", ["qwen2_vl", "llava_onevision"])
+@pytest.mark.parametrize("family", ["qwen2_vl", "internvl", "llava_onevision"])
 def test_per_patch_selection_feeds_each_patch_its_own_frame(family):
     """kv_keep_ratio 1 and per_patch: the unpatched model on a k-frame video whose patch n of slot j is the
     vision feature of frame kept_frames[j, n], built here by hand (the positions of k frames)."""
@@ -663,6 +660,10 @@ def test_per_patch_selection_feeds_each_patch_its_own_frame(family):
         feats = model.get_video_features(inputs["pixel_values_videos"], inputs["video_grid_thw"],
                                          return_dict=True).pooler_output
         feats = [f.view(-1, n, f.shape[-1]) for f in feats]
+    elif family == "internvl":
+        feats = model.model.get_image_features(inputs["pixel_values"], vision_feature_layer=-1,
+                                               vision_feature_select_strategy="default",
+                                               return_dict=True).pooler_output.split(FRAMES[family][1])
     else:
         pooled = model.get_video_features(inputs["pixel_values_videos"], vision_feature_layer=-1,
                                           vision_feature_select_strategy="full", return_dict=True).pooler_output
@@ -670,8 +671,8 @@ def test_per_patch_selection_feeds_each_patch_its_own_frame(family):
         feats = [pooled[b, :frames * n].view(frames, n, -1) for b in range(2)]
     picked = [f[v.kept_frames, torch.arange(n)].reshape(-1, f.shape[-1]) for f, v in zip(feats, handle.report.videos)]
     ids = short["input_ids"]
-    video = ids == VIDEO
-    if family not in QWEN:  # each row's newline follows its frames
+    video = video_mask(family, ids)
+    if family == "llava_onevision":  # each row's newline follows its frames
         newline = model.model.image_newline[None]
         picked = [torch.cat([p, newline]) for p in picked]
     embeds = model.get_input_embeddings()(ids).masked_scatter(video[..., None], torch.cat(picked))
@@ -720,6 +721,109 @@ def test_llava_reforging_equals_chunked_prefill_with_reforging(impl):
         assert torch.equal(held[held >= 0], other.kept_positions(layer)[0])
     torch.testing.assert_close(out.logits[:, -1], last, rtol=0, atol=TOL)
     torch.testing.assert_close(step, model(input_ids=nxt, **cache_arg(model, other)).logits[:, -1], rtol=0, atol=TOL)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_internvl_reforging_equals_chunked_prefill_with_reforging(impl):
+    """InternVL (1-D RoPE), no question guidance: the ReTaKe prefill with re-forging holds and computes what
+    chunked_prefill(reforge_positions=True) does on the same embeddings, chunks and pivots (one call per
+    chunk: a frame's label makes the units of different lengths)."""
+    from retake_ops.hf import chunked_prefill
+    from videollm_tiny import IMAGE
+
+    model = build("internvl", impl)
+    inputs = make_inputs("internvl", make_videos("internvl", [6]))
+    config = RetakeConfig(kv_keep_ratio=0.5, chunk_frames=2, reforge_positions=True, question_guided=False, window=5)
+    with apply_retake(model, config) as handle:
+        out = model(**inputs)
+        cache = out["cache"] if "cache" in out else out["past_key_values"]
+        nxt = out.logits[:, -1:].argmax(-1)
+        step = model(input_ids=nxt, **cache_arg(model, cache)).logits[:, -1]
+    assert cache.position_shift.tolist() == [12]  # 3 chunks of 8 video tokens keep 4 each
+    ids = inputs["input_ids"]
+    video = ids == IMAGE
+    feats = model.model.get_image_features(inputs["pixel_values"], vision_feature_layer=-1,
+                                           vision_feature_select_strategy="default", return_dict=True).pooler_output
+    embeds = model.get_input_embeddings()(ids).masked_scatter(video[..., None], feats.reshape(-1, feats.shape[-1]))
+    frames = frame_columns("internvl", inputs, 0)
+    pivots = torch.zeros_like(video)
+    for j in handle.report.videos[0].keyframes.tolist():
+        pivots[0, frames[j][1]] = True
+    cuts = [0] + [frames[j][0][0] for j in range(0, 6, 2)] + [frames[-1][0][-1] + 1, ids.shape[1]]
+    other = PivotKVCache(keep_ratio=0.5, reforge_positions=True)
+    for s, e in zip(cuts[:-1], cuts[1:]):
+        last = chunked_prefill(model, inputs_embeds=embeds[:, s:e], cache=other, chunk_size=e - s,
+                               compress_mask=video[:, s:e], pivot_mask=pivots[:, s:e])
+    for layer, held in enumerate(handle.report.positions):
+        assert torch.equal(held[held >= 0], other.kept_positions(layer)[0])
+    torch.testing.assert_close(out.logits[:, -1], last, rtol=0, atol=TOL)
+    torch.testing.assert_close(step, model(input_ids=nxt, **cache_arg(model, other)).logits[:, -1], rtol=0, atol=TOL)
+
+
+# ---------------------------------------------------------------------------------------
+# InternVL: frames found behind their labels, kept frames relabelled, what is not a video refused.
+# ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("impl", IMPLS)
+def test_internvl_kept_frames_are_relabelled_from_one(impl):
+    """Rows of 12 and 3 frames: a kept frame 10, 11 or 12 ("Frame12: ", a digit longer) reads as the
+    processor writes a video of the kept frames alone, numbered 1..k, whatever the label's length."""
+    from videollm_tiny import DIGIT
+
+    model = build("internvl", impl)
+    videos = make_videos("internvl", [12, 3])
+    inputs = make_inputs("internvl", videos, PROMPTS[2], QUESTIONS[2])
+    with apply_retake(model, frame_keep_ratio=0.5, kv_keep_ratio=1.0, chunk_frames=4) as handle:
+        got = generate(model, inputs)
+    keep = kept_frames(handle.report, 2)
+    assert max(keep[0]) >= 9 and keep[0] != list(range(len(keep[0]))), keep  # a two-digit label is renumbered
+    short = make_inputs("internvl", videos, PROMPTS[2], QUESTIONS[2], keep)
+    assert int((short["input_ids"][0] == DIGIT + 1).sum()) < int((inputs["input_ids"][0] == DIGIT + 1).sum())
+    assert_same_run(got, generate(model, short))
+    real = short["attention_mask"].sum(1)
+    for held in handle.report.held_tokens():
+        assert held.tolist() == real.tolist()
+
+
+def test_internvl_inputs_that_are_not_one_video_per_row_are_refused():
+    from videollm_tiny import IEND, IMAGE, INTERNVL_TOKENS, ISTART
+
+    model = build("internvl", "sdpa")
+    videos, inputs = case("internvl", 1)
+    ids = inputs["input_ids"][0].tolist()
+    tile = [ISTART] + [IMAGE] * INTERNVL_TOKENS + [IEND]
+    pixels = inputs["pixel_values"]
+
+    def row(tokens, tiles):
+        tokens = torch.tensor([tokens])
+        return dict(input_ids=tokens, attention_mask=torch.ones_like(tokens), pixel_values=tiles)
+
+    two_tiles = row([5, 6, ISTART] + [IMAGE] * 2 * INTERNVL_TOKENS + [IEND, 20], pixels[:2])
+    images = row([5, 6] + tile + [82] + tile + [82, 20], pixels[:2])  # the chat template's "<image>\n" twice
+    first = ids.index(ISTART)
+    two_videos = row(ids[:-4] + ids[first - 4:-4] + ids[-4:], torch.cat([pixels, pixels]))  # the video twice
+    wrapped = ids.copy()
+    wrapped[len(ids) - 5] = 90  # the last frame's </img>
+    for bad in (two_tiles, images, two_videos):
+        model(**bad)  # the unpatched model runs each
+    with apply_retake(model):
+        with pytest.raises(ValueError, match=r"^apply_retake: row 0 holds a run of 8 image tokens where a video frame is "
+                                             r"one tile of image_seq_length=4: an image"):
+            model(**two_tiles)
+        with pytest.raises(ValueError, match=r"^apply_retake: row 0: the text between image runs 0 and 1 \(1 tokens\) "
+                                             r"is not the label of frame 2; .* Images, or several videos in one row"):
+            model(**images)
+        with pytest.raises(ValueError, match=r"^apply_retake: row 0: the text between image runs 6 and 7 \(4 tokens\) "
+                                             r"is not the label of frame 8"):
+            model(**two_videos)
+        with pytest.raises(ValueError, match=r"^apply_retake: row 0: image run 6 is wrapped in tokens \[154, 90\], "
+                                             r"run 0 of the batch in \[154, 155\]"):
+            model(**dict(inputs, input_ids=torch.tensor([wrapped])))
+        with pytest.raises(ValueError, match=r"^apply_retake: pixel_values holds 6 tiles where input_ids hold 7 frames "
+                                             r"of 4 image tokens"):
+            model(**dict(inputs, pixel_values=pixels[:6]))
+        with pytest.raises(ValueError, match=r"^apply_retake: InternVLForConditionalGeneration got labels: training "
+                                             r"labels are not supported"):
+            model(**inputs, labels=inputs["input_ids"])
 
 
 def test_inputs_the_prefill_cannot_use_are_rejected_by_name():

@@ -8,7 +8,8 @@ sees of a video with those frames alone.
 """
 import torch
 from transformers import (Glm4vConfig, Glm4vForConditionalGeneration, Glm4vMoeConfig, Glm4vMoeForConditionalGeneration,
-                          Glm46VConfig, Glm46VForConditionalGeneration, LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration, Qwen2_5_VLConfig,
+                          Glm46VConfig, Glm46VForConditionalGeneration, InternVLConfig,
+                          InternVLForConditionalGeneration, LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration, Qwen2_5_VLConfig,
                           Qwen2_5_VLForConditionalGeneration, Qwen2VLConfig, Qwen2VLForConditionalGeneration,
                           Qwen3_5Config, Qwen3_5ForConditionalGeneration, Qwen3_5MoeConfig,
                           Qwen3_5MoeForConditionalGeneration, Qwen3VLConfig, Qwen3VLForConditionalGeneration, Qwen3VLMoeConfig,
@@ -23,6 +24,16 @@ QWEN_IDS = dict(image_token_id=IMAGE, video_token_id=VIDEO, vision_start_token_i
 QWEN_VISION = dict(patch_size=2, spatial_merge_size=2, temporal_patch_size=2)
 TIMESTAMP = (30, 31, 32)  # a Qwen3-VL frame's "<t seconds>" text
 GLM_SECONDS = 40  # GLM: frame j's timestamp starts with GLM_SECONDS + j ...
+
+
+# InternVL's frame labels, tokenized as Qwen2's tokenizer splits "\nFrame12: ": the newline, the word, one
+# token per digit, the colon and the space.
+NEWLINE, FRAME_WORD, DIGIT, COLON, SPACE = 82, 60, 70, 80, 81
+
+
+def frame_label(i):
+    """The tokens of InternVL's label of frame i (from 1): "Frame{i}: ", after a newline from frame 2 on."""
+    return ([NEWLINE] if i > 1 else []) + [FRAME_WORD] + [DIGIT + int(d) for d in str(i)] + [COLON, SPACE]
 
 
 def glm_timestamp(family, j):
@@ -138,15 +149,26 @@ def llava_onevision(impl, **text):
     return LlavaOnevisionForConditionalGeneration(config)
 
 
+def internvl(impl, **text):
+    """InternVL3 / 3.5: a Qwen2 text model; an 8 x 8 tile of 2 x 2 patches, pixel-shuffled by 0.5, is 4 tokens."""
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=8,
+                  patch_size=2)
+    config = InternVLConfig(text_config=dict(TEXT, model_type="qwen2", **text), vision_config=vision,
+                            image_token_id=IMAGE, image_seq_length=INTERNVL_TOKENS, attn_implementation=impl)
+    return InternVLForConditionalGeneration(config)
+
+
 BUILDERS = {"qwen2_vl": qwen2_vl, "qwen2_5_vl": qwen2_5_vl, "qwen3_vl": qwen3_vl, "qwen3_vl_moe": qwen3_vl_moe,
             "qwen3_5": qwen3_5, "qwen3_5_moe": qwen3_5_moe,
-            "glm4v": glm4v, "glm4v_moe": glm4v_moe, "glm46v": glm46v, "llava_onevision": llava_onevision}
+            "glm4v": glm4v, "glm4v_moe": glm4v_moe, "glm46v": glm46v, "internvl": internvl,
+            "llava_onevision": llava_onevision}
 GLM = ("glm4v", "glm4v_moe", "glm46v")
 HYBRID_FAMILIES = ("qwen3_5", "qwen3_5_moe")  # linear-attention layers beside full-attention ones
 QWEN = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe") + HYBRID_FAMILIES + GLM  # temporal groups, 3-D positions
 TIMESTAMPED = ("qwen3_vl", "qwen3_vl_moe") + HYBRID_FAMILIES  # one "<t seconds> <|vision_start|> ... <|vision_end|>" unit per group
 GRID = 4  # Qwen: a frame is GRID x GRID patches -> GRID**2 / 4 tokens
 LLAVA_TOKENS = 4  # LLaVA-OneVision: pooled tokens per 8 x 8 frame
+INTERNVL_TOKENS = 4  # InternVL: image_seq_length, the tokens of one 8 x 8 tile
 
 
 def build(family, impl="sdpa", seed=0, **text):
@@ -158,6 +180,8 @@ def build(family, impl="sdpa", seed=0, **text):
 
 
 def tokens_per_frame(family):
+    if family == "internvl":
+        return INTERNVL_TOKENS
     return GRID * GRID // 4 if family in QWEN else LLAVA_TOKENS
 
 
@@ -176,7 +200,12 @@ def make_videos(family, frames_per_row, seed=0):
 
 def make_inputs(family, videos, prompts=None, questions=None, keep=None):
     """Processor-shaped, left-padded inputs. videos[b]: row b's frame pixels; keep[b]: the frames
-    of row b's video to include (default all), prompts / questions: text token ids per row."""
+    of row b's video to include (default all), prompts / questions: text token ids per row.
+
+    InternVL follows transformers' InternVLProcessor: replace_video_token writes a video of k frames as
+    "\n".join(f"Frame{i + 1}: <img>" + <IMG_CONTEXT> * image_seq_length + "</img>" for i in range(k)), so
+    the kept frames are numbered 1..k, and __call__ puts the frames, one tile each, into pixel_values
+    (rows one after the other)."""
     batch = len(videos)
     prompts = prompts or [[5, 6, 7] for _ in range(batch)]
     questions = questions or [[20, 21, 22, 23] for _ in range(batch)]
@@ -185,7 +214,11 @@ def make_inputs(family, videos, prompts=None, questions=None, keep=None):
     for b in range(batch):
         frames = [videos[b][j] for j in keep[b]]
         ids = list(prompts[b])
-        if family in QWEN:
+        if family == "internvl":
+            for i in range(len(frames)):
+                ids += frame_label(i + 1) + [ISTART] + [IMAGE] * INTERNVL_TOKENS + [IEND]
+            pixels.append(torch.stack(frames))
+        elif family in QWEN:
             per = tokens_per_frame(family)
             if family in TIMESTAMPED:
                 ids += [VSTART]
@@ -217,13 +250,18 @@ def make_inputs(family, videos, prompts=None, questions=None, keep=None):
                       mm_token_type_ids=video_mask(family, input_ids).int() * 2)
         if family == "qwen2_5_vl":
             inputs["second_per_grid_ts"] = torch.tensor([1.0] * batch)
+    elif family == "internvl":
+        inputs["pixel_values"] = torch.cat(pixels)
     else:
         inputs["pixel_values_videos"] = torch.stack(pixels)
     return inputs
 
 
 def video_mask(family, input_ids):
-    """bool: the video tokens of make_inputs' input_ids (GLM: its image token inside the video markers)."""
+    """bool: the video tokens of make_inputs' input_ids (GLM: its image token inside the video markers;
+    InternVL: its image token)."""
+    if family == "internvl":
+        return input_ids == IMAGE
     if family not in GLM:
         return input_ids == VIDEO
     return (input_ids == IMAGE) & ((input_ids == VSTART).cumsum(-1) > (input_ids == VEND).cumsum(-1))
@@ -242,6 +280,8 @@ def frame_columns(family, inputs, row):
             unit = list(range(tokens[0] - 1 - len(TIMESTAMP), tokens[-1] + 2))
         elif family in GLM:  # <|begin_of_image|> ... <|end_of_image|> and the timestamp
             unit = list(range(tokens[0] - 1, tokens[-1] + 2 + len(glm_timestamp(family, j))))
+        elif family == "internvl":  # the label after the previous frame's </img>, <img> ... </img>
+            unit = list(range(out[-1][0][-1] + 1 if out else tokens[0] - 1, tokens[-1] + 2))
         else:
             unit = tokens
         out.append((unit, tokens))

@@ -76,6 +76,14 @@ def is_assisted(config, assistant_model) -> bool:
 EXPAND_HOOK = "_expand_inputs_for_generation"
 
 
+def expands_videos(cls) -> bool:
+    """Whether a model class repeats its video inputs per video for beams itself, with its own EXPAND_HOOK
+    (5.17's Qwen and GLM classes); the generic one repeats every tensor row by row."""
+    from transformers import GenerationMixin
+
+    return getattr(cls, EXPAND_HOOK) is not getattr(GenerationMixin, EXPAND_HOOK)
+
+
 def generate_positions(mask: torch.Tensor) -> torch.Tensor:
     """The 1-D positions generate() gives a left-padded batch: the attention mask's cumsum - 1
     (padding at 1)."""

@@ -159,6 +159,9 @@ class RetakeHandle:
         if self.instance and not bound_to_target:  # an instance attribute of its own (e.g. another wrapper's)
             def original(model):
                 return found
+        elif isinstance(inspect.getattr_static(self.target, name), staticmethod):  # 5.17's generation hook
+            def original(model):
+                return found
         else:
             function = getattr(found, "__func__", found)
 
@@ -232,9 +235,10 @@ class RetakeHandle:
 
         self._wrap("forward", make_forward)
         self._wrap("generate", make_generate)
-        if pre_encodes and self.family.video_inputs:
-            # generate() no longer encodes the videos itself, so their inputs reach its generic
-            # row-wise repeat for beams and several sequences: the family repeats them per video.
+        if self.family.video_inputs and (pre_encodes or not _compat.expands_videos(cls)):
+            # The video inputs reach generate()'s generic row-wise repeat for beams and several sequences
+            # (it no longer encodes them itself, or the class has no repeat of its own): the family
+            # repeats them per video.
             def make_expand(original):
                 def expand(model, expand_size=1, is_encoder_decoder=False, input_ids=None, **model_kwargs):
                     videos = {name: model_kwargs.pop(name) for name in handle.family.video_inputs
@@ -441,6 +445,12 @@ def apply_retake_to_glm46v(model=None, config: RetakeConfig | None = None, **ove
     return _apply("glm46v", model, config, overrides)
 
 
+def apply_retake_to_internvl(model=None, config: RetakeConfig | None = None, **overrides) -> RetakeHandle:
+    """ReTaKe for InternVL (InternVL3, InternVL3.5): patch `model`, or with model=None the class (every model,
+    also later ones)."""
+    return _apply("internvl", model, config, overrides)
+
+
 def apply_retake_to_llava_onevision(model=None, config: RetakeConfig | None = None, **overrides) -> RetakeHandle:
     """ReTaKe for LLaVA-OneVision: patch `model`, or with model=None the class (every model, also later ones)."""
     return _apply("llava_onevision", model, config, overrides)
@@ -456,6 +466,7 @@ MODEL_TYPE_TO_APPLY_FN = {
     "glm4v": apply_retake_to_glm4v,
     "glm4v_moe": apply_retake_to_glm4v_moe,
     "glm46v": apply_retake_to_glm46v,
+    "internvl": apply_retake_to_internvl,
     "llava_onevision": apply_retake_to_llava_onevision,
 }
 

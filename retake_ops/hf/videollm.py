@@ -3,7 +3,8 @@
 1. The model's own vision tower gives per-frame features [T, N, C] of every video.
 2. DPSelect (torch.ops.retake.dpselect) keeps target_frames(T, frame_keep_ratio) frames per
    video, keyframes (distance peaks) first; keyframe tokens become pivots.
-3. The LLM sees a shorter video, as ReTaKe: the input without the dropped frames' tokens, the
+3. The LLM sees a shorter video, as ReTaKe: the input without the dropped frames' tokens (frames
+   labelled by position, Video.relabel, take the labels of the input's first frames), the
    model's own positions for it (kept frames take consecutive temporal slots, later text moves
    down). With kv_keep_ratio = 1 this is the unpatched model fed the kept frames alone.
 4. Chunked prefill, per row: the text before the first video, then `chunk_frames` frames per
@@ -132,6 +133,7 @@ class _ShortWorld:
                 if payload is None:  # a dropped frame
                     continue
                 slot, frame, N = payload, video.frames[j], video.tokens_per_frame
+                text = video.frames[slot] if video.relabel else frame
                 piv = selection[v][1]
                 if per_patch:
                     frames_n = selection[v][0][slot].to(video.features.device)  # [N]: frame kept per patch
@@ -146,9 +148,9 @@ class _ShortWorld:
                     extras.append([x[j] for x in video.extras])
                     source = torch.arange(frame.tokens_start, frame.tokens_end)
                     pivots = torch.full((N,), bool(piv[slot]))
-                self._text(pieces[b], real[b], frame.start, frame.tokens_start, FRAME_TEXT, ordinal)
+                self._text(pieces[b], real[b], text.start, text.tokens_start, FRAME_TEXT, ordinal)
                 pieces[b].append((source, FRAME_TOKEN, ordinal, pivots))
-                self._text(pieces[b], real[b], frame.tokens_end, frame.end, FRAME_TEXT, ordinal)
+                self._text(pieces[b], real[b], text.tokens_end, text.end, FRAME_TEXT, ordinal)
                 ordinal += 1
             self._text(pieces[b], real[b], cursor, length)
         self.lengths = [sum(p[0].numel() for p in row) for row in pieces]

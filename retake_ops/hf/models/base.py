@@ -36,6 +36,8 @@ class Video:
     extras: list[torch.Tensor] = field(default_factory=list)  # per-token side features [T, N, C'] (e.g. deepstack)
     fixed: list[tuple[int, torch.Tensor]] = field(default_factory=list)  # (column, feature [C]) of video tokens
     # that belong to no frame (LLaVA-OneVision's newline): always kept, never evicted, no DPSelect input
+    relabel: bool = False  # frame text numbered by position (InternVL's "FrameN: "): the kept frame in slot i
+    # carries the text of the input's frame i, as the processor writes a video of the kept frames alone
 
     @property
     def tokens_per_frame(self) -> int:
@@ -50,6 +52,9 @@ class VideoFamily:
     video_token_attr = "video_token_id"
     supports_per_patch = True
     supports_reforge = True  # position re-forging: RoPE of the form x * cos + rotate_half(x) * sin
+
+    # Inputs the ReTaKe prefill refuses, with what they are.
+    refused_inputs = {"pixel_values": "images next to videos", "labels": "training labels"}
 
     # Inputs that describe the videos, which the family expands itself for beams and several
     # returned sequences (see expand_videos); empty when generate()'s own row-wise repeat is right.
@@ -80,9 +85,8 @@ class VideoFamily:
             given = "inputs_embeds" if kwargs.get("inputs_embeds") is not None else "no input_ids"
             raise ValueError(f"apply_retake: the ReTaKe prefill of {type(model).__name__} needs the processor's "
                              f"input_ids (it finds each frame's tokens there), got {given}")
-        for name in ("pixel_values", "labels"):
+        for name, what in self.refused_inputs.items():
             if kwargs.get(name) is not None:
-                what = "images next to videos" if name == "pixel_values" else "training labels"
                 raise ValueError(f"apply_retake: {type(model).__name__} got {name}: {what} are not supported by "
                                  "the ReTaKe prefill (inference on videos only)")
 
