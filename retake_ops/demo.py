@@ -4,12 +4,14 @@
     retake-ops-demo --video clip.mp4  # a real video, decoded with PyAV
     retake-ops-demo --question "Where is the red scene?" --select 8
     retake-ops-demo --model DIR       # a local Qwen2-VL / Qwen2.5-VL checkpoint instead of the tiny one
+    retake-ops-demo --family glm4v    # a tiny model of another family apply_retake supports
 
 VideoLLM: the video goes through a Qwen2-VL (by default a tiny one with random weights, built
 from a config: no download, and its answers are random tokens) twice, as is and with
 retake_ops.hf.apply_retake (DPSelect on the model's own frame features, chunked prefill with
 PivotKV); the demo prints the frames kept, the keyframes, the KV tokens each layer holds,
-prefill time and peak memory of both runs, and plots them.
+prefill time and peak memory of both runs, and plots them. `--family` runs a much smaller model
+of that family instead (2 layers of width 64, 8 x 8 pixel frames: the one the tests run).
 
 DPSelect: frames become features by a fixed random projection of pixel patches (a
 stand-in for a vision encoder), then retake_ops.dpselect keeps `--keep` of the frames,
@@ -154,10 +156,13 @@ def plot(path, dist, peaks, kept, cuts, selection=None, question=None):
     plt.close(fig)
 
 
-def load_videollm(folder: str | None):
-    """(model, family name, note): a local Qwen2-VL / Qwen2.5-VL checkpoint, or the tiny random one."""
+def load_videollm(folder: str | None, family: str | None):
+    """(model, note): a local Qwen2-VL / Qwen2.5-VL checkpoint, a family's tiny model, or the tiny Qwen2-VL."""
     from .hf import tiny
 
+    if family is not None:
+        model = tiny.build(family)
+        return model, f"a tiny {family} ({type(model).__name__}) with random weights, built from a config (no download)"
     if folder is None:  # a language model that outweighs the vision tower, as in real VideoLLMs
         return (tiny.tiny_qwen2_vl(layers=8, hidden=512),
                 "a tiny Qwen2-VL with random weights, built from a config (no download)")
@@ -173,12 +178,14 @@ def load_videollm(folder: str | None):
     return model, f"{model_type} from {folder}"
 
 
-def videollm_inputs(model, folder, video, question):
+def videollm_inputs(model, folder, family, video, question):
     """Processor-shaped inputs: the checkpoint's tokenizer and normalization when it has them."""
     import json
 
     from .hf import tiny
 
+    if family is not None:
+        return tiny.make_inputs(family, [tiny.video_frames(model, video)])
     mean, std, prompt, asked = tiny.CLIP_MEAN, tiny.CLIP_STD, [5, 6, 7], [20, 21, 22, 23]
     if folder is not None:
         config = pathlib.Path(folder) / "preprocessor_config.json"
@@ -203,9 +210,9 @@ def videollm_stage(args, video, out):
     from ._measure import peak_bytes
     from .hf import RetakeConfig, apply_retake
 
-    model, note = load_videollm(args.model)
-    inputs = videollm_inputs(model, args.model, video, args.question)
-    tps = model.config.vision_config.temporal_patch_size
+    model, note = load_videollm(args.model, args.family)
+    inputs = videollm_inputs(model, args.model, args.family, video, args.question)
+    tps = getattr(model.config.vision_config, "temporal_patch_size", 1)  # LLaVA-OneVision: a frame each
     config = RetakeConfig(frame_keep_ratio=args.frame_keep, kv_keep_ratio=args.kv_keep, chunk_frames=args.chunk_frames,
                           window=args.window)
     print(f"VideoLLM: {note}")
@@ -227,19 +234,19 @@ def videollm_stage(args, video, out):
                     handle.remove()
             runs[name] = dict(seconds=seconds, peak=peak, report=report,
                               answer=tokens[0, inputs["input_ids"].shape[1]:].tolist())
-    grid_t = int(inputs["video_grid_thw"][0, 0])
-    video_tokens = int((inputs["input_ids"] == model.config.video_token_id).sum())
     real = int(inputs["attention_mask"].sum())
     report = runs["retake"]["report"]
     v = report.videos[0]
-    held = [int(h[0]) for h in report.held_tokens()]
+    grid_t, video_tokens = v.frames, v.tokens
+    held = [int(h[0]) for h in report.held_tokens() if h is not None]  # a hybrid's compressed layers only
     kept_groups, key_groups = v.kept_frames.tolist(), v.keyframes.tolist()
-    print(f"  video: {video.shape[0]} frames -> {grid_t} temporal groups of {tps} frames, {video_tokens} video tokens, "
-          f"{real} tokens in all")
+    print(f"  video: {video.shape[0]} frames -> {grid_t} temporal groups of {tps} frame{'s' * (tps > 1)}, "
+          f"{video_tokens} video tokens, {real} tokens in all")
     print(f"  DPSelect kept {len(kept_groups)} of {grid_t} groups (frame_keep_ratio={args.frame_keep}, "
           f"window={args.window}); keyframe groups: {key_groups}")
     print(f"  kept frames (first of each group): {[g * tps for g in kept_groups]}")
-    print(f"  KV tokens held per layer: plain {real} each; ReTaKe {held} (kv_keep_ratio={args.kv_keep}, "
+    layers = "" if len(held) == len(report.positions) else f" (full-attention layers {report.compressed_layers})"
+    print(f"  KV tokens held per layer{layers}: plain {real} each; ReTaKe {held} (kv_keep_ratio={args.kv_keep}, "
           f"chunk_frames={args.chunk_frames})")
     for name, label in (("plain", "without ReTaKe"), ("retake", "with ReTaKe   ")):
         r = runs[name]
@@ -297,13 +304,23 @@ def main(argv=None):
     ap.add_argument("--clip", help="local folder of a CLIP or SigLIP checkpoint used to score frames")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="out", help="folder for the PNGs")
-    ap.add_argument("--model", help="local Qwen2-VL / Qwen2.5-VL checkpoint folder (default: a tiny random one)")
+    llm = ap.add_mutually_exclusive_group()
+    llm.add_argument("--model", help="local Qwen2-VL / Qwen2.5-VL checkpoint folder (default: a tiny random one)")
+    llm.add_argument("--family", help="run a tiny random VideoLLM of this family (its model_type, e.g. glm4v; an "
+                                      "unknown one lists them) instead of the default tiny Qwen2-VL")
     ap.add_argument("--no-llm", action="store_true", help="skip the VideoLLM stage")
     ap.add_argument("--frame-keep", type=float, default=0.5, help="ReTaKe frame_keep_ratio")
     ap.add_argument("--kv-keep", type=float, default=0.4, help="ReTaKe kv_keep_ratio")
     ap.add_argument("--chunk-frames", type=int, default=32, help="ReTaKe chunk_frames")
     ap.add_argument("--max-new-tokens", type=int, default=8, help="greedy tokens generated after each prefill")
     args = ap.parse_args(argv)
+    if args.family is not None:
+        try:
+            from .hf.tiny import BUILDERS
+        except ImportError as err:
+            ap.error(f"--family needs transformers: {err}")
+        if args.family not in BUILDERS:
+            ap.error(f"--family {args.family!r}: expected one of {', '.join(BUILDERS)}")
 
     if args.video:
         video, cuts = decode_video(args.video, args.frames), []

@@ -1,8 +1,10 @@
-"""The main job runs end to end: synthetic video and a real file decoded with PyAV."""
+"""The main job runs end to end: synthetic video and a real file decoded with PyAV, through the
+default tiny Qwen2-VL and the tiny model of every family (retake_ops.hf.tiny)."""
 import pytest
 import torch
 
 from retake_ops import demo
+from retake_ops.hf import tiny
 
 
 def test_synthetic_video_cuts_become_keyframes(tmp_path, capsys):
@@ -62,6 +64,39 @@ def test_videollm_stage_runs_the_tiny_qwen2_vl_with_and_without_retake(tmp_path,
     assert set(result["seconds"]) == set(result["peak"]) == {"plain", "retake"}
     assert all(v > 0 for v in result["peak"].values())
     assert (tmp_path / "videollm.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("family", list(tiny.BUILDERS))
+def test_videollm_stage_runs_every_familys_tiny_model_with_and_without_retake(tmp_path, capsys, family):
+    result = demo.main(["--family", family, "--frames", "16", "--shots", "2", "--select", "0", "--out", str(tmp_path),
+                        "--max-new-tokens", "1"])["videollm"]
+    assert f"VideoLLM: a tiny {family} (" in capsys.readouterr().out
+    groups = 8 if family in tiny.QWEN else 16  # temporal groups of 2 frames; LLaVA-OneVision: frames
+    assert result["groups"] == groups and len(result["kept_groups"]) == groups // 2
+    assert set(result["keyframe_groups"]) <= set(result["kept_groups"])
+    layout = tiny.make_inputs(family, tiny.make_videos(family, [groups]))  # the same tokens, random pixels
+    assert result["tokens"] == layout["input_ids"].shape[1]
+    assert len(result["held"]) == 2 and all(held < result["tokens"] for held in result["held"])
+    assert (tmp_path / "videollm.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("family", tiny.QWEN)
+def test_the_default_video_length_writes_only_its_own_video_tokens(family):
+    """The demo's 240 frames make 120 temporal groups: no group's timestamp may be a special token."""
+    inputs = tiny.make_inputs(family, tiny.make_videos(family, [120]))
+    assert int(tiny.video_mask(family, inputs["input_ids"]).sum()) == 120 * tiny.tokens_per_frame(family)
+
+
+def test_the_demo_has_a_tiny_model_of_every_family_apply_retake_supports():
+    from retake_ops.hf import MODEL_TYPE_TO_APPLY_FN
+
+    assert set(tiny.BUILDERS) == set(MODEL_TYPE_TO_APPLY_FN)
+
+
+def test_an_unknown_family_is_refused_naming_the_families(capsys):
+    with pytest.raises(SystemExit):
+        demo.main(["--family", "llama", "--no-llm"])
+    assert f"--family 'llama': expected one of {', '.join(tiny.BUILDERS)}" in capsys.readouterr().err
 
 
 def test_videollm_stage_loads_a_local_checkpoint(tmp_path, capsys):
