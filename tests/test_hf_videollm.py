@@ -686,6 +686,17 @@ def test_per_patch_selection_feeds_each_patch_its_own_frame(family):
     torch.testing.assert_close(got, want, rtol=0, atol=TOL)
 
 
+def assert_holds_and_computes_as(model, report, other, last, step):
+    """The ReTaKe prefill's report holds, per layer, what the chunked_prefill cache `other` holds; its last
+    logits are `other`'s (last: (ReTaKe's, other's)), and so is the next step on each cache (step: (ReTaKe's
+    logits, the token))."""
+    for layer, held in enumerate(report.positions):
+        assert torch.equal(held[held >= 0], other.kept_positions(layer)[0])
+    torch.testing.assert_close(last[0], last[1], rtol=0, atol=TOL)
+    want = model(input_ids=step[1], **cache_arg(model, other)).logits[:, -1]
+    torch.testing.assert_close(step[0], want, rtol=0, atol=TOL)
+
+
 @pytest.mark.parametrize("impl", IMPLS)
 def test_llava_reforging_equals_chunked_prefill_with_reforging(impl):
     """LLaVA-OneVision (1-D RoPE), no question guidance: the ReTaKe prefill with re-forging holds and
@@ -717,10 +728,7 @@ def test_llava_reforging_equals_chunked_prefill_with_reforging(impl):
     other = PivotKVCache(keep_ratio=0.5, reforge_positions=True)
     last = chunked_prefill(model, inputs_embeds=embeds, cache=other, chunk_size=8, compress_mask=compress,
                            pivot_mask=pivots)
-    for layer, held in enumerate(handle.report.positions):
-        assert torch.equal(held[held >= 0], other.kept_positions(layer)[0])
-    torch.testing.assert_close(out.logits[:, -1], last, rtol=0, atol=TOL)
-    torch.testing.assert_close(step, model(input_ids=nxt, **cache_arg(model, other)).logits[:, -1], rtol=0, atol=TOL)
+    assert_holds_and_computes_as(model, handle.report, other, (out.logits[:, -1], last), (step, nxt))
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -754,10 +762,7 @@ def test_internvl_reforging_equals_chunked_prefill_with_reforging(impl):
     for s, e in zip(cuts[:-1], cuts[1:]):
         last = chunked_prefill(model, inputs_embeds=embeds[:, s:e], cache=other, chunk_size=e - s,
                                compress_mask=video[:, s:e], pivot_mask=pivots[:, s:e])
-    for layer, held in enumerate(handle.report.positions):
-        assert torch.equal(held[held >= 0], other.kept_positions(layer)[0])
-    torch.testing.assert_close(out.logits[:, -1], last, rtol=0, atol=TOL)
-    torch.testing.assert_close(step, model(input_ids=nxt, **cache_arg(model, other)).logits[:, -1], rtol=0, atol=TOL)
+    assert_holds_and_computes_as(model, handle.report, other, (out.logits[:, -1], last), (step, nxt))
 
 
 # ---------------------------------------------------------------------------------------
