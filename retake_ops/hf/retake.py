@@ -156,10 +156,8 @@ class RetakeHandle:
         must not keep the patch (retake_ops.hf.copies)."""
         found = getattr(self.target, name)
         bound_to_target = isinstance(found, types.MethodType) and found.__self__ is self.target
-        if self.instance and not bound_to_target:  # an instance attribute of its own (e.g. another wrapper's)
-            def original(model):
-                return found
-        elif isinstance(inspect.getattr_static(self.target, name), staticmethod):  # 5.17's generation hook
+        static = isinstance(inspect.getattr_static(self.target, name), staticmethod)  # 5.17's generation hook
+        if static or (self.instance and not bound_to_target):  # or an instance attribute (e.g. another wrapper's)
             def original(model):
                 return found
         else:
