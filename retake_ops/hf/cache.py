@@ -344,6 +344,15 @@ class PivotKVCache(DynamicCache):
             self.layers.append(PivotKVLayer(self, len(self.layers)))
         return super().update(key_states, value_states, layer_idx, *args, **kwargs)
 
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        """The sequence length, in the columns the cache speaks. Asked of a hybrid model's linear-attention
+        layer (transformers from 5.25 counts the tokens those saw: the prefill's shorter input), the first
+        layer holding keys answers."""
+        if layer_idx < len(self.layers) and not isinstance(self.layers[layer_idx], PivotKVLayer):
+            kv = self.kv_layers
+            return kv[0].get_seq_length() if kv else 0
+        return super().get_seq_length(layer_idx)
+
     def configure(self, layer_types: list[str] | None) -> None:
         """Lay out the layers of a hybrid model (config.layer_types with "linear_attention") before its first
         forward: transformers' linear-attention cache layer (a recurrent state, nothing to evict) where the
