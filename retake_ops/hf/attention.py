@@ -42,6 +42,7 @@ class Step:
     rope: torch.Tensor | None = None  # re-forging: RoPE positions [B, q, P] of the forward's tokens
     tp: TensorParallel | None = None  # the group over which the attention heads are sharded
     heads: int | None = None  # the model's query heads, checked against every rank's when several processes run
+    host_valid: torch.Tensor | None = None  # the plan's real chunk tokens on the host, for linear-attention layers
 
 
 def _make_attention(name: str):

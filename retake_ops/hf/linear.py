@@ -38,19 +38,20 @@ def _linear_forward(module, original, step_kwarg: str):
         plan = plan.on(hidden.device)
         n = hidden.shape[1] - plan.probe
         valid = plan.valid
+        if valid is not None and step.host_valid is None:  # read back once per forward, not per layer
+            step.host_valid = valid[:, :n].cpu()
 
         def run(x, mask=None):
             return original(x, *args, **dict(kwargs, attention_mask=mask))
 
-        if valid is None or bool(valid[:, :n].all()):
+        if valid is None or bool(step.host_valid.all()):
             out = run(hidden[:, :n])
         elif not _compat.linear_started(layer):
             out = run(hidden[:, :n], valid[:, :n].long())
         else:
             out = hidden.new_zeros(hidden.shape[0], n, hidden.shape[2])
-            host = valid[:, :n].cpu()
             for row in range(hidden.shape[0]):
-                cols = torch.nonzero(host[row]).flatten().to(hidden.device)
+                cols = torch.nonzero(step.host_valid[row]).flatten().to(hidden.device)
                 if cols.numel():
                     with _compat.linear_row(layer, row):
                         out[row, cols] = run(hidden[row:row + 1, cols])[0]
