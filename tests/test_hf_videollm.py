@@ -686,6 +686,19 @@ def test_per_patch_selection_feeds_each_patch_its_own_frame(family):
     torch.testing.assert_close(got, want, rtol=0, atol=TOL)
 
 
+def reforged_run(model, inputs):
+    """A ReTaKe prefill with re-forging of one video of 6 frames in chunks of 2, then one greedy step on its
+    cache: (handle, prefill output, the step's logits, the step's token)."""
+    config = RetakeConfig(kv_keep_ratio=0.5, chunk_frames=2, reforge_positions=True, question_guided=False, window=5)
+    with apply_retake(model, config) as handle:
+        out = model(**inputs)
+        cache = out["cache"] if "cache" in out else out["past_key_values"]
+        nxt = out.logits[:, -1:].argmax(-1)
+        step = model(input_ids=nxt, **cache_arg(model, cache)).logits[:, -1]
+    assert cache.position_shift.tolist() == [12]  # 3 chunks of 8 video tokens keep 4 each
+    return handle, out, step, nxt
+
+
 def assert_holds_and_computes_as(model, report, other, last, step):
     """The ReTaKe prefill's report holds, per layer, what the chunked_prefill cache `other` holds; its last
     logits are `other`'s (last: (ReTaKe's, other's)), and so is the next step on each cache (step: (ReTaKe's
@@ -706,13 +719,7 @@ def test_llava_reforging_equals_chunked_prefill_with_reforging(impl):
     model = build("llava_onevision", impl)
     videos = make_videos("llava_onevision", [6])
     inputs = make_inputs("llava_onevision", videos, prompts=[list(range(40, 48))])  # 8 prompt tokens: one chunk
-    config = RetakeConfig(kv_keep_ratio=0.5, chunk_frames=2, reforge_positions=True, question_guided=False, window=5)
-    with apply_retake(model, config) as handle:
-        out = model(**inputs)
-        cache = out["cache"] if "cache" in out else out["past_key_values"]
-        nxt = out.logits[:, -1:].argmax(-1)
-        step = model(input_ids=nxt, **cache_arg(model, cache)).logits[:, -1]
-    assert cache.position_shift.tolist() == [12]  # 3 chunks of 8 video tokens keep 4 each
+    handle, out, step, nxt = reforged_run(model, inputs)
     ids = inputs["input_ids"]
     video = ids == VIDEO
     feats = model.get_video_features(inputs["pixel_values_videos"], vision_feature_layer=-1,
@@ -741,13 +748,7 @@ def test_internvl_reforging_equals_chunked_prefill_with_reforging(impl):
 
     model = build("internvl", impl)
     inputs = make_inputs("internvl", make_videos("internvl", [6]))
-    config = RetakeConfig(kv_keep_ratio=0.5, chunk_frames=2, reforge_positions=True, question_guided=False, window=5)
-    with apply_retake(model, config) as handle:
-        out = model(**inputs)
-        cache = out["cache"] if "cache" in out else out["past_key_values"]
-        nxt = out.logits[:, -1:].argmax(-1)
-        step = model(input_ids=nxt, **cache_arg(model, cache)).logits[:, -1]
-    assert cache.position_shift.tolist() == [12]  # 3 chunks of 8 video tokens keep 4 each
+    handle, out, step, nxt = reforged_run(model, inputs)
     ids = inputs["input_ids"]
     video = ids == IMAGE
     feats = model.model.get_image_features(inputs["pixel_values"], vision_feature_layer=-1,
