@@ -16,7 +16,7 @@ switched model (deepcopy, pickle) has the original attention (retake_ops.hf.copi
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -43,6 +43,7 @@ class Step:
     tp: TensorParallel | None = None  # the group over which the attention heads are sharded
     heads: int | None = None  # the model's query heads, checked against every rank's when several processes run
     host_valid: torch.Tensor | None = None  # the plan's real chunk tokens on the host, for linear-attention layers
+    pending: list = field(default_factory=list)  # layer budgets: (layer, placed plan, scores) awaiting evict_pooled
 
 
 def _make_attention(name: str):

@@ -30,6 +30,7 @@ from . import _compat
 from ._warn import warn
 
 PIVOT_OVERFLOW = ("evict", "keep", "raise")
+LAYER_BUDGETS = ("even", "adakv")
 _GROWTH = 8  # capacity grows by 1/_GROWTH of what is needed (at least _MIN_GROWTH slots)
 _MIN_GROWTH = 64
 
@@ -38,6 +39,16 @@ def check_pivot_overflow(policy, owner: str = "PivotKVCache") -> str:
     if policy not in PIVOT_OVERFLOW:
         raise ValueError(f"{owner}: pivot_overflow must be one of {list(PIVOT_OVERFLOW)}, got {policy!r}")
     return policy
+
+
+def check_layer_budgets(layer_budgets, reforge_positions: bool, owner: str = "PivotKVCache") -> str:
+    if layer_budgets not in LAYER_BUDGETS:
+        raise ValueError(f"{owner}: layer_budgets must be one of {list(LAYER_BUDGETS)}, got {layer_budgets!r}")
+    if layer_budgets == "adakv" and reforge_positions:
+        raise ValueError(f"{owner}: layer_budgets='adakv' with reforge_positions=True: re-forging moves the tokens "
+                         "after a chunk by what the chunk gave up, which layer budgets make differ from layer to "
+                         "layer; use one of them")
+    return layer_budgets
 
 
 class PivotKVLayer(DynamicLayer):
@@ -241,21 +252,21 @@ class PivotKVLayer(DynamicLayer):
 
         `given` is what masking_utils built from get_mask_sizes(): its last q_len columns (the
         new tokens) are exact, its first columns stand for contiguous positions that are not
-        the held ones. Those are rebuilt here: a held slot is visible to every new query iff it
-        holds a real token (and, with a sliding window, is within the window).
+        the held ones (and, with layer budgets, for another layer's held slots). Those are
+        rebuilt here: a held slot is visible to every new query iff it holds a real token
+        (and, with a sliding window, is within the window).
         """
         n_prev = self.n_prev
-        total = n_prev + q_len
         batch = self._k.shape[0]
         if given is not None:
-            if given.dim() != 4 or given.shape[-1] != total or given.shape[-2] != q_len:
+            if given.dim() != 4 or given.shape[-1] < q_len or given.shape[-2] != q_len:
                 raise ValueError(
-                    f"PivotKVCache: the attention mask for layer {self.layer_idx} must be [B, 1, {q_len}, {total}] "
-                    f"(held keys + new keys), got {list(given.shape)}; pass a 2D attention_mask over the full "
-                    "sequence and let the model build the 4D mask")
+                    f"PivotKVCache: the attention mask for layer {self.layer_idx} must be [B, 1, {q_len}, K] with "
+                    f"its last {q_len} columns over the new keys, got {list(given.shape)}; pass a 2D attention_mask "
+                    "over the full sequence and let the model build the 4D mask")
             float_mask, dtype = given.dtype != torch.bool, given.dtype
         if n_prev == 0:
-            return given
+            return given if given is None else given[..., -q_len:]
         held_vis = self._valid[:, None, None, :n_prev]
         if sliding_window is not None and sliding_window > 0:
             q_pos = torch.arange(self.cumulative_length - q_len, self.cumulative_length, device=held_vis.device)
@@ -266,7 +277,7 @@ class PivotKVLayer(DynamicLayer):
         if given is None:
             new_vis = torch.ones(q_len, q_len, dtype=torch.bool, device=held_vis.device).tril()
         else:
-            new_part = given[..., n_prev:]
+            new_part = given[..., -q_len:]
             new_vis = new_part if new_part.dtype == torch.bool else new_part > torch.finfo(new_part.dtype).min / 2
         vis = torch.cat([held_vis.expand(batch, 1, q_len, n_prev), new_vis.expand(batch, 1, q_len, q_len)], dim=-1)
         if not float_mask:
@@ -305,6 +316,16 @@ class PivotKVCache(DynamicCache):
             t0 + floor((t - t0) * k / n), t0 the smallest among them, as ReTaKe; later tokens
             do not move. get_seq_length(), masks and kept_positions() stay in sequence
             positions; reforged_positions() gives the RoPE positions of the held keys.
+        layer_budgets: "even" (every layer keeps keep_tokens(n, keep_ratio) of a chunk's n
+            evictable tokens) or "adakv" (AdaReTaKe's layer budgets: once every layer has scored
+            the chunk, the top layers * K of all layers' scores are pooled, K the row's
+            keep_tokens(n, keep_ratio), and layer l keeps a budget proportional to 1 + its
+            share of them: integers summing to exactly layers * K, each at least 1 and the
+            forced pivots that fit in K, at most n; the shares under that floor are raised
+            to it and the rest re-shared, then floors plus the largest remainders, ties to
+            the lower layer). Within a layer the rule is unchanged. Each chunk is evicted
+            once the forward is through the last layer, so until then every layer holds that
+            chunk's keys and values whole. Not with reforge_positions.
 
     Each layer's storage lives on the device of the keys it first receives (its layer's device
     under a device_map). With a tensor-parallel model every rank holds its own heads' keys and
@@ -315,7 +336,7 @@ class PivotKVCache(DynamicCache):
     """
 
     def __init__(self, keep_ratio: float = 0.25, force_pivots: bool = True, reforge_positions: bool = False,
-                 pivot_overflow: str = "evict"):
+                 pivot_overflow: str = "evict", layer_budgets: str = "even"):
         self.keep_ratio = check_ratio("PivotKVCache", keep_ratio, "keep_ratio")
         if not isinstance(force_pivots, bool):
             raise ValueError(f"PivotKVCache: force_pivots must be a bool, got {force_pivots!r}")
@@ -324,6 +345,7 @@ class PivotKVCache(DynamicCache):
         self.force_pivots = force_pivots
         self.reforge_positions = reforge_positions
         self.pivot_overflow = check_pivot_overflow(pivot_overflow)
+        self.layer_budgets = check_layer_budgets(layer_budgets, reforge_positions)
         self.rope = None  # the model's Rope (retake_ops.hf.reforge), set when re-forging
         # int64 [B]: later tokens run this much earlier than the positions they are given, and than the
         # positions a decoder derives from the sequence length (length_shift, when it differs).
@@ -450,4 +472,4 @@ class PivotKVCache(DynamicCache):
     def __repr__(self):
         return (f"PivotKVCache(keep_ratio={self.keep_ratio}, force_pivots={self.force_pivots}, "
                 f"reforge_positions={self.reforge_positions}, pivot_overflow={self.pivot_overflow!r}, "
-                f"layers={len(self.layers)})")
+                f"layer_budgets={self.layer_budgets!r}, layers={len(self.layers)})")

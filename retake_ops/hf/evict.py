@@ -12,12 +12,19 @@ is scored by this rank's share of the heads' masses, summed over the ranks
 (retake_ops.hf.parallel), and selected with pivot_kv_compress's own rule (select_tokens), so
 every rank keeps the same tokens. Everything runs on the layer's device, with the plan's
 tensors on that device (the plan is placed by the caller).
+
+Layer budgets (PivotKVCache(layer_budgets="adakv")): a layer only scores the chunk (`evict` keeps
+the scores on the step); once the forward is through every layer, `evict_pooled` pools them,
+allocates each layer's budget (retake_ops.hf.budgets, one host transfer of the pooled counts) and
+compacts every layer with pivot_kv_compress's rule under its own budget. Until then each layer holds
+the chunk's keys and values whole, as it does during its own attention.
 """
 from __future__ import annotations
 
 import torch
 
-from ..kernels.pivot_kv_compress import select_tokens
+from ..kernels.pivot_kv_compress import select_mask, select_tokens, token_scores
+from .budgets import budgets, pooled_counts
 from .parallel import check_heads
 from .plan import Columns, StepPlan
 
@@ -47,20 +54,36 @@ def _picks(groups, query, k_new, v_new, scale, force_pivots):
         yield g, picked, (k_g, v_g)
 
 
-def _picks_across_ranks(groups, query, k_new, scale, force_pivots, tp):
-    """The same picks under tensor parallelism: every group's scores summed over the ranks in one
-    all_reduce, then pivot_kv_compress's selection; the layer gathers the kept rows itself."""
+def _scores(groups, query, k_new, scale, tp) -> list[torch.Tensor]:
+    """Per group, pivot_kv_compress's score of each candidate, fp32 [rows, n_cand]: summed over the ranks
+    in one all_reduce under tensor parallelism."""
     pairs = []
     for g in groups:
         q, k = _rows(g, query, k_new)
         pairs.append((_take(q, g.query), _take(k, g.cand)))
-    for g, scores in zip(groups, tp.token_scores(pairs, scale)):
+    if tp is not None:
+        return tp.token_scores(pairs, scale)
+    return [token_scores(q, k, scale) for q, k in pairs]
+
+
+def _picks_across_ranks(groups, query, k_new, scale, force_pivots, tp):
+    """The same picks under tensor parallelism: every group's scores summed over the ranks in one
+    all_reduce, then pivot_kv_compress's selection; the layer gathers the kept rows itself."""
+    for g, scores in zip(groups, _scores(groups, query, k_new, scale, tp)):
         yield g, select_tokens(scores, g.pivots, g.keep, force_pivots), None
+
+
+def _kept_columns(kept_mask: torch.Tensor, slots: int) -> torch.Tensor:
+    """int64 [B, slots]: each row's kept chunk columns ascending, then the others (the masked filler slots),
+    by one sort of unique keys."""
+    chunk = kept_mask.shape[1]
+    col = torch.arange(chunk, device=kept_mask.device)
+    return torch.where(kept_mask, col, col + chunk).sort(dim=1).values[:, :slots] % chunk
 
 
 def evict(layer, plan: StepPlan, query: torch.Tensor, scale: float | None, step) -> None:
     """Compact the layer's latest update down to the plan (its tensors on the layer's device); drop
-    its probe tokens."""
+    its probe tokens. With layer budgets, score it and leave the rest to evict_pooled."""
     ev = plan.evict
     if ev is None:
         if plan.probe:
@@ -73,6 +96,9 @@ def evict(layer, plan: StepPlan, query: torch.Tensor, scale: float | None, step)
     n_prev = layer.n_prev
     k_new = layer.keys[:, :, n_prev:n_prev + chunk]
     v_new = layer.values[:, :, n_prev:n_prev + chunk]
+    if cache.layer_budgets == "adakv":
+        step.pending.append((layer, plan, _scores(ev.groups, query, k_new, scale, tp)))
+        return
     kept_mask = ev.protected.clone()
     kept_rows = idx = None
     picks = (_picks(ev.groups, query, k_new, v_new, scale, cache.force_pivots) if tp is None
@@ -86,9 +112,7 @@ def evict(layer, plan: StepPlan, query: torch.Tensor, scale: float | None, step)
         else:
             kept_mask[g.rows] = kept_mask[g.rows].scatter(1, cols, True)
     if idx is None:
-        # Kept columns ascending, then the others (the masked filler slots): one sort of unique keys.
-        col = torch.arange(chunk, device=kept_mask.device)
-        idx = (torch.where(kept_mask, col, col + chunk).sort(dim=1).values[:, :ev.slots] % chunk)
+        idx = _kept_columns(kept_mask, ev.slots)
     rope = None
     if cache.reforge_positions:
         rope = _reforge(layer, ev, idx, kept_rows, step)
@@ -101,6 +125,40 @@ def evict(layer, plan: StepPlan, query: torch.Tensor, scale: float | None, step)
         keys = layer.keys[:, :, slots]
         keys.copy_(torch.where(moved[:, None, :, None], cache.rope.rerotate(keys, old, new), keys))
         layer.set_rope(slots, new)
+
+
+def evict_pooled(step) -> torch.Tensor:
+    """Layer budgets: compact every layer that scored the step's chunk (step.pending, in layer order) to its
+    own budget. Returns int64 [B, layers] on the host: the evictable tokens each layer kept per row."""
+    plan, pending = step.plan, step.pending
+    ev = plan.evict
+    force = step.cache.force_pivots
+    stacked = [torch.stack([scores[j].to(plan.device) for _, _, scores in pending]) for j in range(len(ev.groups))]
+    counts = torch.cat([pooled_counts(s, g.keep) for s, g in zip(stacked, ev.groups)]).tolist()  # one transfer
+    kept = torch.tensor(plan.kept)[:, None].repeat(1, len(pending))
+    rows = (b for g in ev.groups for b in g.members)
+    floors = (f for g in ev.groups for f in g.floors)
+    keeps = (g.keep for g in ev.groups for _ in g.members)
+    for b, floor, keep, count in zip(rows, floors, keeps, counts):
+        kept[b] = torch.tensor(budgets(count, keep, floor))
+    held = kept + torch.tensor(ev.protected_counts)[:, None]
+    for i, (layer, placed, scores) in enumerate(pending):
+        lev = placed.evict
+        budget = kept[:, i].to(lev.keep.device)
+        kept_mask = lev.protected.clone()
+        for g, s in zip(lev.groups, scores):
+            rows = slice(None) if g.rows is None else g.rows
+            picked = select_mask(s, g.pivots, budget[rows], force)
+            cand = torch.zeros_like(kept_mask[rows])
+            if isinstance(g.cand, slice):
+                cand[:, g.cand] = picked
+            else:
+                cand.scatter_(1, g.cand, picked)
+            kept_mask[rows] |= cand
+        slots = int(held[:, i].max())
+        slot_valid = torch.arange(slots, device=kept_mask.device)[None, :] < held[:, i, None].to(kept_mask.device)
+        layer.compact(_kept_columns(kept_mask, slots), slot_valid, placed.probe)
+    return kept
 
 
 def _reforge(layer, ev, idx, kept_rows, step) -> tuple[torch.Tensor, torch.Tensor]:

@@ -41,6 +41,8 @@ class Group:
     cand: Columns  # chunk columns of the evictable tokens
     keep: int
     pivots: torch.Tensor | None  # bool [rows, n_cand]; None: no pivot among the candidates
+    members: tuple[int, ...] = ()  # the rows, on the host
+    floors: tuple[int, ...] = ()  # per member, the least a layer may keep under layer budgets (its forced pivots)
 
 
 @dataclass
@@ -56,6 +58,7 @@ class Eviction:
     n_cand: torch.Tensor  # int64 [B]: evictable real tokens of each row
     evictable: torch.Tensor  # bool [B, C]: the evictable real tokens
     pos_drop: torch.Tensor | None = None  # 1-D re-forging: int64 [B, C] positions each token moves down
+    protected_counts: tuple[int, ...] = ()  # per row, on the host: the protected tokens
 
     def to(self, device: torch.device) -> "Eviction":
         return replace(_moved(self, device), groups=[_moved(g, device) for g in self.groups])
@@ -71,6 +74,8 @@ class StepPlan:
     evict: Eviction | None = None
     overflow: list[tuple[int, int, int]] = field(default_factory=list)  # (row, pivots, budget) per overflowing row
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))  # where the plan's tensors live
+    kept: tuple[int, ...] = ()  # per row: the evictable tokens every layer keeps (layer budgets: their mean)
+    layer_kept: torch.Tensor | None = None  # layer budgets: int64 [B, key layers] on the host, once evicted
     _placed: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def on(self, device: torch.device) -> "StepPlan":
@@ -82,7 +87,7 @@ class StepPlan:
         if placed is None:
             placed = self._placed[device] = StepPlan(
                 self.length, self.probe, None if self.valid is None else self.valid.to(device),
-                None if self.evict is None else self.evict.to(device), self.overflow, device)
+                None if self.evict is None else self.evict.to(device), self.overflow, device, self.kept)
         return placed
 
 
@@ -113,8 +118,8 @@ def plan_step(valid: torch.Tensor, evictable: torch.Tensor, pivots: torch.Tensor
     n_prot = prot.sum(1).tolist()
     keep = [keep_tokens(n, r) if n else 0 for n, r in zip(n_cand, ratios)]
     events = []
+    n_piv = piv.sum(1).tolist() if piv is not None and force_pivots else [0] * batch  # pivots ranked first
     if piv is not None and force_pivots:
-        n_piv = piv.sum(1).tolist()
         for b in range(batch):
             if n_piv[b] > keep[b]:
                 events.append((b, n_piv[b], keep[b]))
@@ -124,7 +129,7 @@ def plan_step(valid: torch.Tensor, evictable: torch.Tensor, pivots: torch.Tensor
     full_valid = None if all_valid else (valid if probe_valid is None else torch.cat([valid, probe_valid], 1))
     device = torch.device("cpu") if device is None else torch.device(device)
     plan = StepPlan(length + probe, probe, None if full_valid is None else full_valid.to(device), overflow=events,
-                    device=device)
+                    device=device, kept=tuple(keep))
     slots = max(p + k for p, k in zip(n_prot, keep))
     if all(k == n for k, n in zip(keep, n_cand)) and slots == length:
         return plan  # nothing evicted: every column stays where it is
@@ -147,7 +152,8 @@ def plan_step(valid: torch.Tensor, evictable: torch.Tensor, pivots: torch.Tensor
             group_piv = piv[rows_t][:, c_cols] if isinstance(c_cols, slice) else piv[rows_t].gather(1, c_cols)
         whole = len(rows) == batch
         group_list.append(Group(None if whole else rows_t.to(device), _to(q_cols, device), _to(c_cols, device), k,
-                                None if group_piv is None else group_piv.to(device)))
+                                None if group_piv is None else group_piv.to(device), tuple(rows),
+                                tuple(max(1, min(n_piv[b], k)) for b in rows)))
     kept_counts = torch.tensor([p + k for p, k in zip(n_prot, keep)])
     slot_valid = torch.arange(slots)[None, :] < kept_counts[:, None]
     direct = (len(group_list) == 1 and group_list[0].rows is None and not bool(protected.any())
@@ -158,7 +164,7 @@ def plan_step(valid: torch.Tensor, evictable: torch.Tensor, pivots: torch.Tensor
         before = cand.long().cumsum(1) - cand.long()
         pos_drop = (before - before * keep_t[:, None] // n_t.clamp(min=1)[:, None]).masked_fill(~valid, 0).to(device)
     plan.evict = Eviction(slots, protected.to(device), group_list, slot_valid.to(device), direct,
-                          keep_t.to(device), n_t.to(device), cand.to(device), pos_drop)
+                          keep_t.to(device), n_t.to(device), cand.to(device), pos_drop, tuple(n_prot))
     return plan
 
 

@@ -11,6 +11,7 @@ from . import _compat
 from ._warn import warn
 from .attention import STEP_KWARG, Step, enable_pivotkv_attention
 from .cache import PivotKVCache
+from .evict import evict_pooled
 from .parallel import expected_heads, logger, tensor_parallel
 from .plan import StepPlan, overflow_message, plan_step
 from .reforge import model_rope
@@ -24,7 +25,8 @@ def run_planned(model, cache: PivotKVCache, plans: list[StepPlan], step_inputs, 
     that outnumber a budget, and checks that every layer went through the PivotKV attention.
     A tensor-parallel model's process group is found here, once, and passed to every eviction
     (cache.tensor_parallel names it). names[i] names forward i in messages (default "chunk i").
-    Returns the last forward's output."""
+    With layer budgets each forward's chunk is evicted once the forward is through every layer, and
+    its plan records what each layer kept (StepPlan.layer_kept). Returns the last forward's output."""
     names = names or [f"chunk {i}" for i in range(len(plans))]
     events = [(names[i], *e) for i, plan in enumerate(plans) for e in plan.overflow]
     if events:
@@ -49,9 +51,11 @@ def run_planned(model, cache: PivotKVCache, plans: list[StepPlan], step_inputs, 
     try:
         for i, plan in enumerate(tqdm(plans, desc=desc, unit="chunk", disable=not progress)):
             kwargs = step_inputs(i)
-            kwargs[STEP_KWARG] = Step(cache, plan, tp=tp, heads=heads)
+            step = kwargs[STEP_KWARG] = Step(cache, plan, tp=tp, heads=heads)
             out = call(i, kwargs)
             _check_layers_reached(model, cache, i)
+            if step.pending:
+                plan.layer_kept = evict_pooled(step)
             ev = plan.evict
             if ev is not None and ev.pos_drop is not None:
                 shift = cache.shift_for(ev.keep.shape[0], ev.keep.device)

@@ -23,7 +23,7 @@ from transformers.cache_utils import DynamicCache
 from ..checks import FLOAT_DTYPES, check_int, check_ratio
 from . import _compat, copies
 from .attention import disable_pivotkv_attention
-from .cache import PivotKVCache, check_pivot_overflow
+from .cache import PivotKVCache, check_layer_budgets, check_pivot_overflow
 from .models import FAMILIES
 from .videollm import RetakeReport, retake_prefill
 
@@ -56,6 +56,17 @@ class RetakeConfig:
         pivot_overflow: when a chunk's pivots outnumber its budget: "evict" (keep the best-scored
             pivots), "keep" (keep them all, over budget) or "raise". The first two warn once per prefill.
         reforge_positions: ReTaKe's position re-forging of the kept keys (see PivotKVCache).
+        temporal_budgets: AdaReTaKe's temporal budgets: each prefill chunk of a video keeps keep_tokens(n_c, r_c)
+            of its n_c video tokens, r_c larger for chunks whose mean feature differs more from their
+            neighbours' and averaging the row's ratio r over the video's chunks, within chunk_ratio_range
+            (see retake_ops.hf.budgets). A chunk then never holds frames of two videos. Off: every chunk
+            keeps keep_tokens(n, r).
+        chunk_ratio_range: (lo, hi), 0 < lo <= hi <= 1, the range of a chunk's ratio under temporal budgets;
+            it must hold the row's ratio r.
+        layer_budgets: "even" (every layer keeps a chunk's budget K) or "adakv" (AdaReTaKe's layer budgets:
+            layers whose scores dominate the top layers * K of all layers' scores keep more, the budgets
+            summing to layers * K; see PivotKVCache). A hybrid model shares them among its full-attention
+            layers. Not with reforge_positions.
         progress: a progress bar over the prefill's chunks.
     """
 
@@ -69,6 +80,9 @@ class RetakeConfig:
     force_pivots: bool = True
     pivot_overflow: str = "evict"
     reforge_positions: bool = False
+    temporal_budgets: bool = False
+    chunk_ratio_range: tuple[float, float] = (1e-3, 1.0)
+    layer_budgets: str = "even"
     progress: bool = False
 
     def __post_init__(self):
@@ -89,10 +103,30 @@ class RetakeConfig:
             raise ValueError(f"RetakeConfig: give kv_keep_ratio or max_kv_tokens, not both (got kv_keep_ratio="
                              f"{self.kv_keep_ratio}, max_kv_tokens={self.max_kv_tokens})")
         store("chunk_frames", check_int("RetakeConfig", "chunk_frames", self.chunk_frames, minimum=1))
-        for name in ("per_patch", "question_guided", "force_pivots", "reforge_positions", "progress"):
+        for name in ("per_patch", "question_guided", "force_pivots", "reforge_positions", "temporal_budgets",
+                     "progress"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"RetakeConfig: {name} must be a bool, got {getattr(self, name)!r}")
         check_pivot_overflow(self.pivot_overflow, "RetakeConfig")
+        check_layer_budgets(self.layer_budgets, self.reforge_positions, "RetakeConfig")
+        span = self.chunk_ratio_range
+        if not isinstance(span, (tuple, list)) or len(span) != 2:
+            raise ValueError(f"RetakeConfig: chunk_ratio_range must be a pair (lo, hi), got {span!r}")
+        lo, hi = (check_ratio("RetakeConfig", x, f"chunk_ratio_range[{i}]") for i, x in enumerate(span))
+        if lo > hi:
+            raise ValueError(f"RetakeConfig: chunk_ratio_range must have lo <= hi, got {(lo, hi)}")
+        store("chunk_ratio_range", (lo, hi))
+        if self.temporal_budgets and self.max_kv_tokens is None:
+            self.check_chunk_ratio(self.kv_ratio(0))
+
+    def check_chunk_ratio(self, ratio: float) -> None:
+        """ValueError unless the temporal budgets' chunk_ratio_range holds a row's keep ratio."""
+        lo, hi = self.chunk_ratio_range
+        if not lo <= ratio <= hi:
+            source = (f"max_kv_tokens={self.max_kv_tokens} gives a row the ratio" if self.max_kv_tokens is not None
+                      else "kv_keep_ratio is")
+            raise ValueError(f"RetakeConfig: temporal_budgets=True needs chunk_ratio_range to hold the keep ratio "
+                             f"its chunks average to, but {source} {ratio} and chunk_ratio_range is {(lo, hi)}")
 
     def kv_ratio(self, video_tokens: int) -> float:
         """The PivotKV keep ratio of a row with this many video tokens (after DPSelect)."""

@@ -28,6 +28,7 @@ import torch
 
 from .. import dpselect, target_frames
 from . import _compat
+from .budgets import chunk_novelty, chunk_ratios
 from .cache import PivotKVCache, PivotKVLayer
 from .parallel import TensorParallel
 from .plan import plan_step
@@ -49,7 +50,13 @@ class VideoReport:
     keyframes: torch.Tensor  # int64 kept frames that are distance peaks; per patch: bool [k, N] peak mask
     tokens: int  # video tokens in the input
     kept_tokens: int  # video tokens the LLM saw after DPSelect
-    kv_keep_ratio: float  # PivotKV keep ratio of the row's video chunks
+    kv_keep_ratio: float  # PivotKV keep ratio of the row (the mean of its chunks' ratios)
+    chunk_starts: torch.Tensor  # int64 [C + 1]: where each prefill chunk of the video starts in kept_frames, then k
+    chunk_novelty: torch.Tensor  # float64 [C]: each chunk's novelty d_c (retake_ops.hf.budgets)
+    chunk_ratios: torch.Tensor  # float64 [C]: each chunk's keep ratio (kv_keep_ratio without temporal budgets)
+    # int64 [C, compressed layers]: the evictable tokens each layer kept of each chunk; a chunk that also holds
+    # another video's frames (possible without temporal budgets) counts both videos'
+    layer_kept: torch.Tensor
 
 
 @dataclass
@@ -108,6 +115,8 @@ class _ShortWorld:
         pieces = [[] for _ in range(batch)]  # per row: (source columns, kind, frame ordinal, pivots)
         feats, extras = [], []  # video-token features in input order (row-major), and side features
         by_row = [[] for _ in range(batch)]
+        self.frame_video = [[] for _ in range(batch)]  # per row, the video of each kept frame (by ordinal)
+        means = [[] for _ in videos]  # per video, each kept frame's mean feature over its tokens (fp32)
         for v, video in enumerate(videos):
             by_row[video.row].append(v)
         for b in range(batch):
@@ -151,8 +160,11 @@ class _ShortWorld:
                 self._text(pieces[b], real[b], text.start, text.tokens_start, FRAME_TEXT, ordinal)
                 pieces[b].append((source, FRAME_TOKEN, ordinal, pivots))
                 self._text(pieces[b], real[b], text.tokens_end, text.end, FRAME_TEXT, ordinal)
+                self.frame_video[b].append(v)
+                means[v].append(feats[-1].float().mean(0))
                 ordinal += 1
             self._text(pieces[b], real[b], cursor, length)
+        self.means = [torch.stack(m) if m else None for m in means]
         self.lengths = [sum(p[0].numel() for p in row) for row in pieces]
         width = max(self.lengths)
         self.src = torch.full((batch, width), -1, dtype=torch.int64)
@@ -187,13 +199,23 @@ class _ShortWorld:
 
 class _Schedule:
     """The prefill's forwards over the short world: the text before the first video, the video in
-    chunks of `per_chunk` frames, the text after the last video. Rows are aligned at their ends, so
-    a row with fewer chunks starts later; every forward is left-padded per row to its widest row."""
+    chunks of `per_chunk` frames (with by_video, a row's chunk never holds frames of two videos), the
+    text after the last video. Rows are aligned at their ends, so a row with fewer chunks starts later;
+    every forward is left-padded per row to its widest row. chunk_of[b][o]: the row's chunk of its kept
+    frame o; chunk_ids[s][b]: the row's chunk in forward s (-1: none)."""
 
-    def __init__(self, world: _ShortWorld, per_chunk: int):
+    def __init__(self, world: _ShortWorld, per_chunk: int, by_video: bool):
         batch = world.src.shape[0]
+        self.chunk_of = []
         segments = []  # per row: [prefix, chunk 0, ..., suffix] as short column tensors
         for b in range(batch):
+            chunk_of, chunk, count = [], -1, per_chunk
+            for o, v in enumerate(world.frame_video[b]):
+                if count == per_chunk or (by_video and v != world.frame_video[b][o - 1]):
+                    chunk, count = chunk + 1, 0
+                chunk_of.append(chunk)
+                count += 1
+            self.chunk_of.append(chunk_of)
             cols = torch.nonzero(world.real[b]).flatten()
             ordinal = world.ordinal[b, cols]
             in_unit = torch.nonzero(ordinal >= 0).flatten()
@@ -204,27 +226,29 @@ class _Schedule:
             region = ordinal[first:last + 1].clone()
             # Text between two frames' units goes with the next frame.
             nxt = torch.where(region >= 0, region, torch.iinfo(region.dtype).max).flip(0).cummin(0).values.flip(0)
-            chunk = nxt // per_chunk
-            chunks = [cols[first:last + 1][chunk == c] for c in range(int(chunk[-1]) + 1)]
+            chunk = torch.tensor(chunk_of)[nxt]
+            chunks = [cols[first:last + 1][chunk == c] for c in range(chunk_of[-1] + 1)]
             segments.append([cols[:first]] + chunks + [cols[last + 1:]])
         n_chunks = max(len(s) - 2 for s in segments)
-        steps = []  # (is_chunk, per row columns)
-        steps.append((False, [s[0] for s in segments]))
+        steps = []  # (is_chunk, per row columns, per row chunk)
+        steps.append((False, [s[0] for s in segments], None))
         for c in range(n_chunks):
-            per_row = []
+            per_row, ids = [], []
             for s in segments:
                 k = len(s) - 2
                 i = c - (n_chunks - k)
                 per_row.append(s[1 + i] if i >= 0 else s[0][:0])
-            steps.append((True, per_row))
-        steps.append((False, [s[-1] for s in segments]))
+                ids.append(i)
+            steps.append((True, per_row, ids))
+        steps.append((False, [s[-1] for s in segments], None))
         steps = [st for st in steps if max(c.numel() for c in st[1]) > 0]
-        widths = [max(c.numel() for c in per_row) for _, per_row in steps]
+        widths = [max(c.numel() for c in per_row) for _, per_row, _ in steps]
         self.bounds = []
-        self.is_chunk = [is_chunk for is_chunk, _ in steps]
+        self.is_chunk = [is_chunk for is_chunk, _, _ in steps]
+        self.chunk_ids = [ids for _, _, ids in steps]
         self.map = torch.full((batch, sum(widths)), -1, dtype=torch.int64)
         a = 0
-        for (is_chunk, per_row), width in zip(steps, widths):
+        for (is_chunk, per_row, _), width in zip(steps, widths):
             for b, cols in enumerate(per_row):
                 self.map[b, a + width - cols.numel():a + width] = cols
             self.bounds.append((a, a + width))
@@ -234,6 +258,26 @@ class _Schedule:
         self.question = torch.full((batch, width), -1, dtype=torch.int64)
         for b, q in enumerate(question):
             self.question[b, :q.numel()] = q
+
+
+def _video_chunks(videos, world: _ShortWorld, schedule: _Schedule, ratios: list[float], config):
+    """Per video (its chunks' ids in its row, chunk_starts, novelty, ratios): the ratios are the temporal
+    budgets' (retake_ops.hf.budgets) when on, else the row's ratio."""
+    out = []
+    for v, video in enumerate(videos):
+        b = video.row
+        chunk = [c for c, owner in zip(schedule.chunk_of[b], world.frame_video[b]) if owner == v]
+        ids = sorted(set(chunk))
+        starts = torch.tensor([chunk.index(c) for c in ids] + [len(chunk)], dtype=torch.int64)
+        means = world.means[v].cpu()
+        embeds = torch.stack([means[starts[i]:starts[i + 1]].mean(0) for i in range(len(ids))])
+        novelty = chunk_novelty(embeds)
+        if config.temporal_budgets:
+            config.check_chunk_ratio(ratios[b])
+            out.append((ids, starts, novelty, chunk_ratios(novelty, ratios[b], *config.chunk_ratio_range)))
+        else:
+            out.append((ids, starts, novelty, torch.full((len(ids),), ratios[b], dtype=torch.float64)))
+    return out
 
 
 def _gather_cols(x: torch.Tensor, cols: torch.Tensor, dim: int) -> torch.Tensor:
@@ -269,31 +313,37 @@ def retake_prefill(model, family, config, kwargs: dict, forward):
     positions = family.positions(model, world.ids, world.mask, short_extra, given)
     full_extra = family.full_inputs(kwargs)
     full_positions = family.positions(model, ids, mask, full_extra, given)
-    schedule = _Schedule(world, max(1, config.chunk_frames // family.frames_per_group(model)))
+    schedule = _Schedule(world, max(1, config.chunk_frames // family.frames_per_group(model)),
+                         config.temporal_budgets)
 
     # Host copies for the planner (one transfer of the positions).
     host_pos = positions.cpu()
     amap = schedule.map
     n_video = (world.kind == FRAME_TOKEN).sum(1).tolist()
     ratios = [config.kv_ratio(n) for n in n_video]
+    chunks = _video_chunks(videos, world, schedule, ratios, config)
+    chunk_ratio = {(videos[v].row, c): r for v, (ids, _, _, rs) in enumerate(chunks) for c, r in zip(ids, rs.tolist())}
     reforge_1d = config.reforge_positions and not _compat.is_mrope(model)
     cache = PivotKVCache(keep_ratio=min(ratios) if ratios else 1.0, force_pivots=config.force_pivots,
-                         reforge_positions=config.reforge_positions, pivot_overflow=config.pivot_overflow)
+                         reforge_positions=config.reforge_positions, pivot_overflow=config.pivot_overflow,
+                         layer_budgets=config.layer_budgets)
     top = host_pos.amax(0) if host_pos.dim() == 3 else host_pos
     aligned_top = torch.where(amap >= 0, top.gather(1, amap.clamp(min=0)), torch.iinfo(top.dtype).min)
     reach = aligned_top.cummax(1).values  # per aligned column: the largest position fed so far
     q_valid = schedule.question >= 0
     guided = config.question_guided and bool(q_valid.any())
     plans = []
-    for (a0, a1), is_chunk in zip(schedule.bounds, schedule.is_chunk):
+    for (a0, a1), is_chunk, ids_of_rows in zip(schedule.bounds, schedule.is_chunk, schedule.chunk_ids):
         cols = amap[:, a0:a1]
         valid = cols >= 0
         kind = world.kind.gather(1, cols.clamp(min=0))
         evictable = valid & (kind == FRAME_TOKEN) & is_chunk
         pivots = valid & world.pivot.gather(1, cols.clamp(min=0)) & evictable
-        plans.append(plan_step(valid, evictable, pivots, ratios, force_pivots=config.force_pivots, overflow=config.pivot_overflow,
-                               probe_valid=q_valid if (guided and is_chunk) else None, reforge_1d=reforge_1d,
-                               device=ids.device))
+        step_ratios = ratios if ids_of_rows is None else \
+            [chunk_ratio.get((b, c), r) for b, (c, r) in enumerate(zip(ids_of_rows, ratios))]
+        plans.append(plan_step(valid, evictable, pivots, step_ratios, force_pivots=config.force_pivots,
+                               overflow=config.pivot_overflow, probe_valid=q_valid if (guided and is_chunk) else None,
+                               reforge_1d=reforge_1d, device=ids.device))
 
     device = ids.device
     amap_dev = amap.to(device)
@@ -358,14 +408,25 @@ def retake_prefill(model, family, config, kwargs: dict, forward):
     cache.length_shift = reforged + (length - world.ids.shape[1])  # a decoder counts the input's columns
     family.set_decoding_state(model, world.ids, world.mask, short_extra, mask, cache.position_shift)
 
+    step_of = {(b, c): s for s, ids_of_rows in enumerate(schedule.chunk_ids) if ids_of_rows is not None
+               for b, c in enumerate(ids_of_rows) if c >= 0}
+    layers = len(cache.kv_layers)
+
+    def layer_kept(row, chunk):
+        plan = plans[step_of[(row, chunk)]]
+        return plan.layer_kept[row] if plan.layer_kept is not None else torch.full((layers,), plan.kept[row])
+
     reports = []
     for v, video in enumerate(videos):
         idx, piv = selection[v]
         row = video.row
+        ids_v, starts, novelty, chunk_r = chunks[v]
         reports.append(VideoReport(
             row=row, frames=len(video.frames), kept_frames=idx.cpu(),
             keyframes=piv.cpu() if config.per_patch else idx[piv].cpu(),
             tokens=len(video.frames) * video.tokens_per_frame, kept_tokens=idx.numel() if config.per_patch
-            else idx.numel() * video.tokens_per_frame, kv_keep_ratio=ratios[row]))
+            else idx.numel() * video.tokens_per_frame, kv_keep_ratio=ratios[row], chunk_starts=starts,
+            chunk_novelty=novelty, chunk_ratios=chunk_r,
+            layer_kept=torch.stack([layer_kept(row, c) for c in ids_v]).to(torch.int64)))
     held = [layer.positions.cpu() if isinstance(layer, PivotKVLayer) else None for layer in cache.layers]
     return out, RetakeReport(reports, held, time.perf_counter() - started, cache.tensor_parallel)

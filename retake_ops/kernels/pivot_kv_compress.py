@@ -25,15 +25,8 @@ def token_scores(q: Tensor, k: Tensor, scale: float | None = None, causal: bool 
     return head_score_sum(q, k, scale, causal).div_(q.shape[1])
 
 
-def select_tokens(scores: Tensor, pivot_mask: Tensor | None, keep: int, force_pivots: bool = True) -> Tensor:
-    """keep_idx int64 [B, keep] ascending: the top `keep` of scores [B, Lk] (fp32), pivots first
-    (force_pivots) or with pivot scores set to 1.0 (not force_pivots), ties to the lower index.
-
-    One top-k over unique int64 keys: bit 62 pivot (force_pivots), bits 31..61 the score's
-    order-preserving int32 image, bits 0..30 (2^31 - 1 - index). Unique keys make the selection
-    deterministic; torch.topk alone leaves ties open. NaN scores rank as +inf (torch.topk ranks
-    NaN first), and -0.0 ties with +0.0.
-    """
+def _rank_keys(scores: Tensor, pivot_mask: Tensor | None, force_pivots: bool) -> Tensor:
+    """int64 [B, Lk]: unique keys whose descending order is select_tokens' ranking."""
     if pivot_mask is not None and not force_pivots:
         scores = scores.masked_fill(pivot_mask, 1.0)
     scores = torch.where(scores.isnan(), float("inf"), scores + 0.0)
@@ -43,8 +36,28 @@ def select_tokens(scores: Tensor, pivot_mask: Tensor | None, keep: int, force_pi
     key = (order << 31) | (PIVOT_MAX_KEYS - 1 - torch.arange(Lk, device=scores.device))
     if pivot_mask is not None and force_pivots:
         key = key + (pivot_mask.to(torch.int64) << 62)
+    return key
+
+
+def select_tokens(scores: Tensor, pivot_mask: Tensor | None, keep: int, force_pivots: bool = True) -> Tensor:
+    """keep_idx int64 [B, keep] ascending: the top `keep` of scores [B, Lk] (fp32), pivots first
+    (force_pivots) or with pivot scores set to 1.0 (not force_pivots), ties to the lower index.
+
+    One top-k over unique int64 keys: bit 62 pivot (force_pivots), bits 31..61 the score's
+    order-preserving int32 image, bits 0..30 (2^31 - 1 - index). Unique keys make the selection
+    deterministic; torch.topk alone leaves ties open. NaN scores rank as +inf (torch.topk ranks
+    NaN first), and -0.0 ties with +0.0.
+    """
+    key = _rank_keys(scores, pivot_mask, force_pivots)
     top = torch.topk(key, keep, dim=-1, sorted=False).indices
     return top.sort(dim=-1).values
+
+
+def select_mask(scores: Tensor, pivot_mask: Tensor | None, keep: Tensor, force_pivots: bool = True) -> Tensor:
+    """bool [B, Lk]: select_tokens' choice with a budget per row, keep int64 [B] in [1, Lk]."""
+    key = _rank_keys(scores, pivot_mask, force_pivots)
+    threshold = key.sort(dim=-1, descending=True).values.gather(1, keep[:, None] - 1)
+    return key >= threshold
 
 
 def pivot_kv_compress_composite(q: Tensor, k: Tensor, v: Tensor, pivot_mask: Tensor | None, keep: int,
