@@ -34,10 +34,10 @@ COMMON = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_at
 MROPE = {"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 10000.0}
 
 
-def _qwen2_vl(impl):
+def _qwen2_vl(impl, layers=2):
     vision = dict(depth=1, embed_dim=32, num_heads=2, hidden_size=64, mlp_ratio=2, patch_size=2,
                   spatial_merge_size=2, temporal_patch_size=2)
-    config = Qwen2VLConfig(text_config=dict(COMMON, rope_parameters=MROPE), vision_config=vision,
+    config = Qwen2VLConfig(text_config=dict(COMMON, num_hidden_layers=layers, rope_parameters=MROPE), vision_config=vision,
                            image_token_id=125, video_token_id=126, vision_start_token_id=127,
                            attn_implementation=impl)
     return Qwen2VLForConditionalGeneration(config)
@@ -195,6 +195,43 @@ def test_compressed_run_equals_oracle(arch, impl):
     kept = kept_of(cache, model)
     gen = model.generate(input_ids=prompt, **cache_arg(model, cache), max_new_tokens=steps, do_sample=False)
     assert torch.equal(gen, oracle_greedy(model, impl, prompt, kept, prefill_len, chunk, steps))
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("arch", ["llama", "qwen2_vl"])
+def test_layer_budgets_equal_oracle(arch, impl):
+    """layer_budgets="adakv" on a 4-layer decoder, a left-padded batch of two: each chunk's layers keep
+    budgets summing to layers x keep_tokens(n, ratio), each in [1, n], not all equal; the output and greedy
+    decoding are the oracle's that hides what each layer evicted."""
+    builders = {"llama": lambda impl: LlamaForCausalLM(LlamaConfig(**dict(COMMON, num_hidden_layers=4),
+                                                                   attn_implementation=impl)),
+                "qwen2_vl": lambda impl: _qwen2_vl(impl, layers=4)}
+    model = build(arch, impl, builders=builders)
+    prefill_len, chunk, steps, ratio = 96, 16, 4, 0.25
+    ids = torch.randint(3, 120, (2, prefill_len + 1), generator=torch.Generator().manual_seed(5))
+    mask = torch.ones_like(ids)
+    mask[1, :9] = 0
+    cache = PivotKVCache(keep_ratio=ratio, layer_budgets="adakv")
+    chunked_prefill(model, ids[:, :prefill_len], cache=cache, chunk_size=chunk, attention_mask=mask[:, :prefill_len])
+    kept = kept_of(cache, model)
+    layers, unequal = len(kept), 0
+    for b in range(2):
+        for s in range(0, prefill_len - chunk, chunk):  # the last chunk stays whole
+            n = int(mask[b, s:s + chunk].sum())
+            held = [int(((p[b] >= s) & (p[b] < s + chunk)).sum()) for p in kept]
+            assert sum(held) == layers * keep_tokens(n, ratio) and all(1 <= h <= n for h in held), (b, s, held)
+            unequal += len(set(held)) > 1
+    assert unequal, "every chunk's layers kept the same: the test cannot tell layer budgets from even ones"
+    gen = model.generate(input_ids=ids, attention_mask=mask, **cache_arg(model, cache), max_new_tokens=steps,
+                         do_sample=False)
+    assert torch.equal(gen, oracle_greedy(model, impl, ids, kept, prefill_len, chunk, steps, attention_mask=mask))
+
+
+def test_layer_budgets_are_validated():
+    with pytest.raises(ValueError, match=r"PivotKVCache: layer_budgets must be one of \['even', 'adakv'\], got 'x'"):
+        PivotKVCache(layer_budgets="x")
+    with pytest.raises(ValueError, match=r"PivotKVCache: layer_budgets='adakv' with reforge_positions=True"):
+        PivotKVCache(layer_budgets="adakv", reforge_positions=True)
 
 
 def video_mrope_positions(n_text, frames, grid, n_tail):

@@ -183,6 +183,152 @@ def test_kv_eviction_equals_the_masked_oracle(family, impl, batch, guided):
             chunks = [min(groups, len(keep[b]) - i) * per for i in range(0, len(keep[b]), groups)]
             assert kept_video == sum(retake_ops.keep_tokens(n, 0.3) for n in chunks)
             assert n_video > kept_video
+        # Without AdaReTaKe's budgets, the report's chunks all have the row's ratio and every layer keeps it.
+        assert video.chunk_starts.tolist() == list(range(0, len(keep[b]), groups)) + [len(keep[b])]
+        assert video.chunk_ratios.tolist() == [0.3] * len(chunks)
+        assert video.layer_kept.tolist() == [[retake_ops.keep_tokens(n, 0.3)] * len(report.compressed_layers)
+                                             for n in chunks]
+        assert video.layer_kept.tolist() == held_per_chunk(family, inputs, report, b)
+
+
+def held_per_chunk(family, inputs, report, b):
+    """Per chunk of row b's video (its report's chunk_starts), per compressed layer: the video tokens held."""
+    video = report.videos[b]
+    frames, kept, starts = frame_columns(family, inputs, b), video.kept_frames.tolist(), video.chunk_starts.tolist()
+    out = []
+    for c in range(len(starts) - 1):
+        cols = torch.tensor([t for j in kept[starts[c]:starts[c + 1]] for t in frames[j][1]])
+        out.append([int(torch.isin(report.positions[layer][b], cols).sum()) for layer in report.compressed_layers])
+    return out
+
+
+# ---------------------------------------------------------------------------------------
+# AdaReTaKe's budgets: temporal_budgets and layer_budgets="adakv".
+# ---------------------------------------------------------------------------------------
+def ada_config(family, **fields):
+    """Two temporal groups (or frames) per chunk: three or more chunks per video, of 8 video tokens."""
+    return RetakeConfig(**dict(dict(frame_keep_ratio=1.0, kv_keep_ratio=0.4, chunk_frames=4 if family in QWEN else 2,
+                                    force_pivots=False, temporal_budgets=True, layer_budgets="adakv"), **fields))
+
+
+def assert_budgets_hold(family, inputs, report, ratio=0.4, chunk_ratio_range=(1e-3, 1.0), force_pivots=False):
+    """Every chunk's layers keep budgets that sum to layers x keep_tokens(n_c, r_c), each in [1, n_c] (with
+    force_pivots, at least the chunk's pivots that fit in keep_tokens), and hold exactly what the report says;
+    the chunks' ratios average the row's."""
+    layers = len(report.compressed_layers)
+    per = tokens_per_frame(family)
+    for b, video in enumerate(report.videos):
+        starts, ratios = video.chunk_starts.tolist(), video.chunk_ratios.tolist()
+        assert len(ratios) == len(starts) - 1 >= 2
+        assert abs(sum(ratios) / len(ratios) - ratio) < 1e-9
+        assert all(chunk_ratio_range[0] <= r <= chunk_ratio_range[1] for r in ratios)
+        assert video.layer_kept.tolist() == held_per_chunk(family, inputs, report, b)
+        keyframes = set(video.keyframes.tolist())
+        for c, kept in enumerate(video.layer_kept.tolist()):
+            n = (starts[c + 1] - starts[c]) * per
+            budget = retake_ops.keep_tokens(n, ratios[c])
+            assert sum(kept) == layers * budget, (c, kept, n, ratios[c])
+            pivots = per * len(keyframes & set(video.kept_frames[starts[c]:starts[c + 1]].tolist()))
+            floor = max(1, min(pivots, budget)) if force_pivots else 1
+            assert all(floor <= k <= n for k in kept), (c, kept, floor)
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_adaptive_budgets_equal_the_masked_oracle(family, batch):
+    """Temporal and layer budgets together: the output is the unpatched model's on the kept frames with each
+    layer's evicted keys hidden, each layer holds the budget the report gives, and a batch row is the row alone."""
+    model = build(family, "sdpa")
+    videos, inputs = case(family, batch)
+    with apply_retake(model, ada_config(family)) as handle:
+        got = generate(model, inputs)
+    report = handle.report
+    keep = kept_frames(report, batch)
+    short = make_inputs(family, videos, PROMPTS[batch], QUESTIONS[batch], keep)
+    assert_same_run(got, oracle_run(model, "sdpa", family, inputs, short, keep, report, 2), family)
+    assert_budgets_hold(family, inputs, report)
+    assert len(set(report.videos[0].chunk_ratios.tolist())) >= 3, "the chunks' novelty does not vary"
+    if batch == 1:
+        return
+    for b in range(batch):
+        alone = make_inputs(family, videos[b:b + 1], PROMPTS[batch][b:b + 1], QUESTIONS[batch][b:b + 1])
+        with apply_retake(model, ada_config(family)) as single:
+            want = generate(model, alone)
+        assert_same_run((got[0][b:b + 1], got[1][b:b + 1]), want, family)
+        mine, its = report.videos[b], single.report.videos[0]
+        assert torch.equal(mine.layer_kept, its.layer_kept) and torch.equal(mine.chunk_ratios, its.chunk_ratios)
+
+
+def test_layer_budgets_follow_the_pooled_scores(monkeypatch):
+    """The scores each layer gave each chunk's video tokens, recorded where they are pooled: the report's
+    budgets are the reference allocation of their pooled top set, and each layer holds its budget's best
+    tokens. In the first chunk (the same forward either way) they rank as the even budgets' eviction does:
+    a layer with a larger budget holds a superset of what it holds with even budgets, a smaller one a subset."""
+    import retake_ops.hf.evict as evict_module
+    from test_hf_budgets import ref_budgets, ref_novelty, ref_pooled_counts, ref_ratios
+
+    seen = []
+    pooled = evict_module.pooled_counts
+    monkeypatch.setattr(evict_module, "pooled_counts", lambda scores, keep: seen.append((scores, keep)) or
+                        pooled(scores, keep))
+    model = build("qwen2_vl", "sdpa")
+    _, inputs = case("qwen2_vl", 1, seed=2)  # a video whose first chunk gets unequal budgets
+    runs = {}
+    for budgets in ("even", "adakv"):
+        with apply_retake(model, ada_config("qwen2_vl", layer_budgets=budgets)) as handle:
+            model(**inputs)
+        runs[budgets] = handle.report
+    report = runs["adakv"]
+    video = report.videos[0]
+    frames, kept, starts = frame_columns("qwen2_vl", inputs, 0), video.kept_frames.tolist(), video.chunk_starts.tolist()
+    keyframes = set(video.keyframes.tolist())
+    assert len(seen) == len(starts) - 1
+    unequal = 0
+    for c, (scores, keep) in enumerate(seen):
+        cols = [t for j in kept[starts[c]:starts[c + 1]] for t in frames[j][1]]
+        pivots = [j in keyframes for j in kept[starts[c]:starts[c + 1]] for _ in frames[j][1]]
+        want = ref_budgets(ref_pooled_counts(scores, keep)[0], keep, 1)
+        assert video.layer_kept[c].tolist() == want
+        unequal += len(set(want)) > 1
+        for i, layer in enumerate(report.compressed_layers):
+            score = [1.0 if p else float(x) for x, p in zip(scores[i, 0], pivots)]  # force_pivots=False: pivots at 1
+            best = {cols[j] for j in sorted(range(len(cols)), key=lambda j: (-score[j], j))[:want[i]]}
+            assert best == set(report.positions[layer][0].tolist()) & set(cols)
+            if c == 0:
+                even = set(runs["even"].positions[layer][0].tolist()) & set(cols)
+                assert even <= best if want[i] >= keep else best <= even
+    assert unequal, "every chunk's layers got equal budgets: the test cannot tell the allocation apart"
+    # The temporal budgets come from the kept frames' merged features (the vision tower's output DPSelect ranks).
+    feats = model.get_video_features(inputs["pixel_values_videos"], inputs["video_grid_thw"],
+                                     return_dict=True).pooler_output[0]
+    per_frame = feats.view(video.frames, tokens_per_frame("qwen2_vl"), -1).float().mean(1)[kept]
+    embeds = torch.stack([per_frame[starts[c]:starts[c + 1]].mean(0) for c in range(len(starts) - 1)])
+    novelty = ref_novelty(embeds.numpy())
+    np.testing.assert_allclose(video.chunk_novelty.numpy(), novelty, rtol=0, atol=1e-6)
+    np.testing.assert_allclose(video.chunk_ratios.numpy(), ref_ratios(novelty, 0.4, 1e-3, 1.0), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("fields", [dict(temporal_budgets=False), dict(layer_budgets="even"),
+                                    dict(force_pivots=True, window=1)])
+def test_each_budget_option_alone_equals_the_masked_oracle(fields):
+    """Each option without the other; and with forced pivots where every frame is a keyframe (window 1), so
+    that every layer's floor is the whole budget."""
+    model = build("qwen2_vl", "eager")
+    videos, inputs = case("qwen2_vl", 2)
+    with apply_retake(model, ada_config("qwen2_vl", **fields)) as handle:
+        got = generate(model, inputs)
+    report = handle.report
+    keep = kept_frames(report, 2)
+    short = make_inputs("qwen2_vl", videos, PROMPTS[2], QUESTIONS[2], keep)
+    assert_same_run(got, oracle_run(model, "eager", "qwen2_vl", inputs, short, keep, report, 2))
+    assert_budgets_hold("qwen2_vl", inputs, report, force_pivots=fields.get("force_pivots", False))
+    ratios = [v.chunk_ratios for v in report.videos]
+    if fields.get("temporal_budgets") is False:
+        assert all(r.tolist() == [0.4] * len(r) for r in ratios)
+    else:
+        assert any(len(set(r.tolist())) > 1 for r in ratios)
+    if fields.get("layer_budgets") == "even":
+        assert all(len(set(k)) == 1 for v in report.videos for k in v.layer_kept.tolist())
 
 
 # ---------------------------------------------------------------------------------------
@@ -510,10 +656,49 @@ def test_precomputed_video_features_are_rejected():
     ("per_patch", 1, r"per_patch must be a bool, got 1"),
     ("question_guided", "yes", r"question_guided must be a bool, got 'yes'"),
     ("pivot_overflow", "drop", r"pivot_overflow must be one of \['evict', 'keep', 'raise'\], got 'drop'"),
+    ("temporal_budgets", 1, r"temporal_budgets must be a bool, got 1"),
+    ("layer_budgets", "uniform", r"layer_budgets must be one of \['even', 'adakv'\], got 'uniform'"),
+    ("chunk_ratio_range", 0.5, r"chunk_ratio_range must be a pair \(lo, hi\), got 0.5"),
+    ("chunk_ratio_range", (0.1, 0.2, 0.3), r"chunk_ratio_range must be a pair \(lo, hi\), got \(0.1, 0.2, 0.3\)"),
+    ("chunk_ratio_range", (0.0, 1.0), r"chunk_ratio_range\[0\] must be a real number in \(0, 1\], got 0.0"),
+    ("chunk_ratio_range", (0.1, 1.5), r"chunk_ratio_range\[1\] must be a real number in \(0, 1\], got 1.5"),
+    ("chunk_ratio_range", (0.6, 0.2), r"chunk_ratio_range must have lo <= hi, got \(0.6, 0.2\)"),
 ])
 def test_config_fields_are_validated(field, value, message):
     with pytest.raises(ValueError, match=r"RetakeConfig: " + message):
         RetakeConfig(**{field: value})
+
+
+@pytest.mark.parametrize("fields, message", [
+    (dict(temporal_budgets=True, chunk_ratio_range=(0.3, 1.0)),
+     r"temporal_budgets=True needs chunk_ratio_range to hold the keep ratio its chunks average to, but kv_keep_ratio "
+     r"is 0.25 and chunk_ratio_range is \(0.3, 1.0\)"),
+    (dict(temporal_budgets=True, kv_keep_ratio=0.5, chunk_ratio_range=(0.1, 0.4)),
+     r"temporal_budgets=True needs .* but kv_keep_ratio is 0.5 and chunk_ratio_range is \(0.1, 0.4\)"),
+    (dict(layer_budgets="adakv", reforge_positions=True),
+     r"layer_budgets='adakv' with reforge_positions=True: re-forging moves the tokens after a chunk by what the chunk "
+     r"gave up, which layer budgets make differ from layer to layer"),
+])
+def test_budget_fields_that_cannot_go_together_are_refused(fields, message):
+    with pytest.raises(ValueError, match=r"RetakeConfig: " + message):
+        RetakeConfig(**fields)
+    RetakeConfig(**dict(fields, temporal_budgets=False, layer_budgets="even"))  # each alone is fine
+
+
+def test_temporal_budgets_refuse_a_max_kv_tokens_ratio_outside_the_range_at_prefill():
+    """max_kv_tokens gives each row its ratio at prefill (here 10 / 32 video tokens), checked against the range."""
+    model = build("qwen2_vl", "sdpa")
+    _, inputs = case("qwen2_vl", 1)
+    config = RetakeConfig(max_kv_tokens=10, temporal_budgets=True, chunk_ratio_range=(0.5, 1.0), chunk_frames=4)
+    with pytest.raises(ValueError, match=r"RetakeConfig: temporal_budgets=True needs chunk_ratio_range to hold the keep "
+                                         r"ratio its chunks average to, but max_kv_tokens=10 gives a row the ratio "
+                                         r"0.3125 and chunk_ratio_range is \(0.5, 1.0\)"):
+        with apply_retake(model, config):
+            model(**inputs)
+    with apply_retake(model, config, chunk_ratio_range=(0.1, 1.0)) as handle:
+        model(**inputs)
+    ratios = handle.report.videos[0].chunk_ratios
+    assert abs(float(ratios.mean()) - 10 / 32) < 1e-9 and len(set(ratios.tolist())) > 1
 
 
 @pytest.mark.parametrize("make", [float, np.float32, np.float64, torch.tensor, lambda x: torch.tensor(x).half()],

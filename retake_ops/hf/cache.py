@@ -266,7 +266,7 @@ class PivotKVLayer(DynamicLayer):
                     "over the full sequence and let the model build the 4D mask")
             float_mask, dtype = given.dtype != torch.bool, given.dtype
         if n_prev == 0:
-            return given if given is None else given[..., -q_len:]
+            return given
         held_vis = self._valid[:, None, None, :n_prev]
         if sliding_window is not None and sliding_window > 0:
             q_pos = torch.arange(self.cumulative_length - q_len, self.cumulative_length, device=held_vis.device)
