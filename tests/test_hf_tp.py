@@ -2,6 +2,8 @@
 
 The tiny Llama and the tiny VideoLLMs of tp_worker.VIDEOLLMS (Qwen2-VL, Qwen3-VL-MoE, Qwen3.5
 (hybrid: the kept tokens of its full-attention layers are compared), GLM-4.1V, GLM-4.5V, GLM-4.6V; 4 query / 2 kv heads, fp32) are saved with save_pretrained;
+AdaReTaKe's layer budgets run on the Llama (chunked_prefill) and with temporal budgets on Qwen2-VL, where every
+rank must pool the same all-reduced scores;
 `torch.distributed.run --nproc_per_node 2` (loopback, CPU, gloo) starts tests/tp_worker.py, whose
 ranks load them with `DistributedConfig(tp_plan="auto")` (2 query heads and 1 kv head per rank) and
 run the same cases as this process does without tensor parallelism: greedy generate() with and
@@ -34,7 +36,7 @@ import torch
 from retake_ops.hf import PivotKVCache, chunked_prefill
 from retake_ops.hf import parallel
 from retake_ops.kernels.pivot_kv_compress import select_tokens
-from tp_worker import LLAMA, REPLICATED, VIDEOLLMS, load_models, run_cases, save_models
+from tp_worker import ADA_FAMILY, LLAMA, REPLICATED, VIDEOLLMS, load_models, run_cases, save_models
 
 pytestmark = pytest.mark.filterwarnings("error::FutureWarning", "error::DeprecationWarning")
 
@@ -43,8 +45,14 @@ SCORE_RTOL = 1e-6  # fp32 scores near 1: the ranks' sums of two heads each round
 TIMEOUT = 240  # seconds for the two workers, loading included (about 20 on two shared cores)
 WORKER = pathlib.Path(__file__).with_name("tp_worker.py")
 RETAKE = [f"{family}_retake" for family in VIDEOLLMS]
-CASES = ["llama", "llama_pivotkv", "llama_pivotkv_unforced", *VIDEOLLMS, *RETAKE]
-COMPRESSED = ["llama_pivotkv", "llama_pivotkv_unforced", *RETAKE]
+# AdaReTaKe's layer budgets pool every layer's all-reduced scores: (scores [layers, rows, n], keep) per pooling.
+POOLED = ["llama_pivotkv_adakv", f"{ADA_FAMILY}_retake_ada"]
+CASES = ["llama", "llama_pivotkv", "llama_pivotkv_unforced", *VIDEOLLMS, *RETAKE, *POOLED]
+COMPRESSED = ["llama_pivotkv", "llama_pivotkv_unforced", *RETAKE, *POOLED]
+# Selections (or poolings) per case: 2 layers x 5 evictions (Llama: chunks; VideoLLMs: chunks' row groups);
+# pooled, one per Llama chunk, and one per row group of each VideoLLM chunk: 6 and 4 one-group chunks, the
+# rows' budgets differing where both have one (2 + 4 x 2).
+RECORDED = dict.fromkeys(["llama_pivotkv", "llama_pivotkv_unforced", *RETAKE], 10) | {POOLED[0]: 5, POOLED[1]: 10}
 
 
 def free_port() -> int:
@@ -121,7 +129,7 @@ def test_every_rank_scores_the_tokens_as_one_process_does(runs, case):
     would keep the same tokens."""
     single, ranks, _ = runs
     want = [scores for scores, *_ in single[case]["selections"]]
-    assert len(want) == 10  # 2 layers x 5 evictions each (Llama: chunks; VideoLLMs: chunks' row groups)
+    assert len(want) == RECORDED[case]
     for rank, got in enumerate(ranks):
         got = [scores for scores, *_ in got[case]["selections"]]
         assert len(got) == len(want)
@@ -168,7 +176,7 @@ def test_the_process_group_is_the_models_and_is_named(runs):
 def test_without_the_all_reduce_the_ranks_keep_different_tokens(runs):
     """Each rank scoring its own heads alone: the ranks' caches disagree, and the comparison above fails."""
     _, ranks, _ = runs
-    for case in ("llama_pivotkv", *RETAKE):  # the prefills forgotten_all_reduce reruns
+    for case in ("llama_pivotkv", "llama_pivotkv_adakv", *RETAKE):  # the prefills forgotten_all_reduce reruns
         first, second = (r["forgotten"][case] for r in ranks)
         assert any(not torch.equal(a, b) for a, b in zip(first, second)), case
 

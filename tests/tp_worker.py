@@ -35,6 +35,9 @@ REPLICATED = {"qwen3_vl_moe": [f"model.language_model.layers.*.mlp.experts{name}
                                for name in ("", ".gate_up_proj", ".down_proj")]}
 FRAMES = [8, 5]  # a left-padded batch of two videos of different lengths
 RETAKE = dict(frame_keep_ratio=0.75, kv_keep_ratio=0.25, chunk_frames=4, window=5)
+# AdaReTaKe's budgets on one VideoLLM: two temporal groups per chunk, so that each video has several chunks.
+ADA_FAMILY = "qwen2_vl"
+ADA = dict(RETAKE, kv_keep_ratio=0.4, chunk_frames=2, force_pivots=False, temporal_budgets=True, layer_budgets="adakv")
 
 
 def save_models(path):
@@ -98,27 +101,33 @@ def selections():
     """The arguments (scores, pivot_mask, keep, force_pivots) of every eviction's selection, in call
     order (forward by forward, its layers in turn, each layer's row groups). pivot_kv_compress's
     rule (select_tokens) gets the op's own scores in one process and the all-reduced ones under
-    tensor parallelism (retake_ops.hf.evict): the same seam on both sides."""
+    tensor parallelism (retake_ops.hf.evict): the same seam on both sides. With layer budgets, the
+    (scores [layers, rows, n], keep) of every pooling instead: forward by forward, each row group."""
     from retake_ops.hf import evict
     from retake_ops.kernels import pivot_kv_compress as kernel
 
-    calls, select = [], kernel.select_tokens
+    calls, select, pool = [], kernel.select_tokens, evict.pooled_counts
 
     def recording(scores, *args):
         calls.append((scores.clone(), *args))
         return select(scores, *args)
 
-    with mock.patch.object(kernel, "select_tokens", recording), mock.patch.object(evict, "select_tokens", recording):
+    def pooling(scores, keep):
+        calls.append((scores.clone(), keep))
+        return pool(scores, keep)
+
+    with mock.patch.object(kernel, "select_tokens", recording), mock.patch.object(evict, "select_tokens", recording), \
+            mock.patch.object(evict, "pooled_counts", pooling):
         yield calls
 
 
-def llama_pivotkv(model, keep_ratio=RATIO, force_pivots=True):
+def llama_pivotkv(model, keep_ratio=RATIO, force_pivots=True, layer_budgets="even"):
     """chunked_prefill of all but the last prompt token, its selections, the layers' kept positions,
     then generate()."""
     from retake_ops.hf import PivotKVCache, cache_arg, chunked_prefill, disable_pivotkv_attention
 
     ids, pivots = llama_inputs()
-    cache = PivotKVCache(keep_ratio=keep_ratio, force_pivots=force_pivots)
+    cache = PivotKVCache(keep_ratio=keep_ratio, force_pivots=force_pivots, layer_budgets=layer_budgets)
     with selections() as picked:
         last = chunked_prefill(model, ids[:, :PREFILL], cache=cache, chunk_size=CHUNK, pivot_mask=pivots)
     kept = [cache.kept_positions(layer).clone() for layer in range(len(cache.layers))]
@@ -128,14 +137,14 @@ def llama_pivotkv(model, keep_ratio=RATIO, force_pivots=True):
     return out
 
 
-def retake(family, model):
+def retake(family, model, config=RETAKE):
     """apply_retake + generate(): the vision features, DPSelect's picks, PivotKV's selections, the
     layers' kept columns."""
     from retake_ops.hf import apply_retake
 
     inputs = videollm_inputs(family)
     features = model.get_video_features(inputs["pixel_values_videos"], inputs["video_grid_thw"], return_dict=True)
-    with apply_retake(model, **RETAKE) as handle, selections() as picked:
+    with apply_retake(model, **config) as handle, selections() as picked:
         out = greedy(model, **inputs)
     report = handle.report
     return dict(out, features=torch.cat(list(features.pooler_output)), kept=[report.positions[layer].clone() for layer in report.compressed_layers],
@@ -154,10 +163,12 @@ def run_cases(llama, videollms):
         with torch.no_grad():
             ids, _ = llama_inputs()
             cases = {"llama": greedy(llama, input_ids=ids), "llama_pivotkv": llama_pivotkv(llama),
-                     "llama_pivotkv_unforced": llama_pivotkv(llama, UNFORCED_RATIO, force_pivots=False)}
+                     "llama_pivotkv_unforced": llama_pivotkv(llama, UNFORCED_RATIO, force_pivots=False),
+                     "llama_pivotkv_adakv": llama_pivotkv(llama, layer_budgets="adakv")}
             for family, model in videollms.items():
                 cases[family] = greedy(model, **videollm_inputs(family))
                 cases[f"{family}_retake"] = retake(family, model)
+            cases[f"{ADA_FAMILY}_retake_ada"] = retake(ADA_FAMILY, videollms[ADA_FAMILY], ADA)
             return cases
 
 
@@ -171,6 +182,7 @@ def forgotten_all_reduce(llama, videollms):
         with warnings.catch_warnings(), torch.no_grad():
             warnings.filterwarnings("ignore", "PivotKV. pivot tokens outnumber")
             return {"llama_pivotkv": llama_pivotkv(llama)["kept"],
+                    "llama_pivotkv_adakv": llama_pivotkv(llama, layer_budgets="adakv")["kept"],
                     **{f"{family}_retake": retake(family, model)["kept"] for family, model in videollms.items()}}
     finally:
         parallel.all_reduce = reduce
