@@ -3,7 +3,8 @@ the decoder layers (and everything before them) on cuda:0, the second half, the 
 head on cuda:1, placed by accelerate's dispatch_model as from_pretrained(device_map=...) places
 them. Every cache layer must live on its layer's device, no op may take tensors of both devices,
 and the results must be those of the same model on one device (fp32: tokens identical, logits
-within 1e-5, the same kept tokens), re-forging included."""
+within 1e-5, the same kept tokens), re-forging and AdaReTaKe's layer budgets (which pool the scores of
+layers on both devices) included."""
 import copy
 import sys
 from pathlib import Path
@@ -73,9 +74,9 @@ def assert_layers_on(cache, devices):
         assert {t.device for t in tensors} == {device}
 
 
-@pytest.mark.parametrize("reforge", [False, True])
+@pytest.mark.parametrize("options", [{}, dict(reforge_positions=True), dict(layer_budgets="adakv")])
 @pytest.mark.parametrize("impl", pivotkv.IMPLS)
-def test_chunked_prefill_over_two_devices_equals_one_device(impl, reforge):
+def test_chunked_prefill_over_two_devices_equals_one_device(impl, options):
     base = pivotkv.build("llama", impl)
     spread, devices = two_devices(base)
     one = base.to("cuda:0")
@@ -87,7 +88,7 @@ def test_chunked_prefill_over_two_devices_equals_one_device(impl, reforge):
     pivots = (torch.rand(2, prefill, generator=g) < 0.1).cuda()
     runs = []
     for model in (one, spread):
-        cache = PivotKVCache(keep_ratio=0.25, reforge_positions=reforge)
+        cache = PivotKVCache(keep_ratio=0.25, **options)
         watch = DeviceWatch()
         with watch:
             last = chunked_prefill(model, ids[:, :prefill], cache=cache, chunk_size=chunk, pivot_mask=pivots,
@@ -107,9 +108,10 @@ def test_chunked_prefill_over_two_devices_equals_one_device(impl, reforge):
     torch.testing.assert_close(logits_2.cpu(), logits_1.cpu(), rtol=0, atol=TOL)
 
 
-@pytest.mark.parametrize("reforge", [False, True])
+@pytest.mark.parametrize("options", [{}, dict(reforge_positions=True),
+                                     dict(temporal_budgets=True, layer_budgets="adakv")])
 @pytest.mark.parametrize("family", list(BUILDERS))
-def test_retake_over_two_devices_equals_one_device(family, reforge):
+def test_retake_over_two_devices_equals_one_device(family, options):
     base = build(family, "sdpa")
     spread, devices = two_devices(base)
     one = base.to("cuda:0")
@@ -119,8 +121,7 @@ def test_retake_over_two_devices_equals_one_device(family, reforge):
     inputs = {k: v.to("cuda:0") for k, v in inputs.items()}
     runs = []
     for model in (one, spread):
-        with apply_retake(model, frame_keep_ratio=0.75, kv_keep_ratio=0.3, chunk_frames=4,
-                          reforge_positions=reforge) as handle:
+        with apply_retake(model, frame_keep_ratio=0.75, kv_keep_ratio=0.3, chunk_frames=4, **options) as handle:
             tokens, logits, cache = greedy(model, **inputs)
         runs.append((handle.report, tokens, logits))
         assert_layers_on(cache, [torch.device("cuda:0")] * len(devices) if model is one else devices)

@@ -52,3 +52,17 @@ def test_bf16_cuda_generate(family):
     for positions in handle.report.positions:
         assert positions.shape[0] == 2
     assert all(v.kept_tokens < v.tokens for v in handle.report.videos)
+
+
+@pytest.mark.parametrize("family", cpu.FAMILIES)
+def test_fp32_cuda_adaptive_budgets_equal_the_oracle(family):
+    """AdaReTaKe's temporal and layer budgets on CUDA (the scores pooled from the Triton kernel's): the masked
+    oracle's output, and every chunk's layers hold the budgets the report gives."""
+    model = cpu.build(family, "sdpa").cuda()
+    videos, inputs = cpu.case(family, 2)
+    with apply_retake(model, cpu.ada_config(family)) as handle:
+        got = cpu.generate(model, on_cuda(inputs))
+    keep = cpu.kept_frames(handle.report, 2)
+    short = on_cuda(make_inputs(family, videos, cpu.PROMPTS[2], cpu.QUESTIONS[2], keep))
+    cpu.assert_same_run(got, cpu.oracle_run(model, "sdpa", family, inputs, short, keep, handle.report, 2), family)
+    cpu.assert_budgets_hold(family, inputs, handle.report)
