@@ -10,8 +10,10 @@ VideoLLM: the video goes through a Qwen2-VL (by default a tiny one with random w
 from a config: no download, and its answers are random tokens) twice, as is and with
 retake_ops.hf.apply_retake (DPSelect on the model's own frame features, chunked prefill with
 PivotKV); the demo prints the frames kept, the keyframes, the KV tokens each layer holds,
-prefill time and peak memory of both runs, and plots them. `--family` runs a much smaller model
-of that family instead (2 layers of width 64, 8 x 8 pixel frames: the one the tests run).
+prefill time and peak memory of both runs, and plots them. A third prefill adds AdaReTaKe's budgets
+to the same config (temporal_budgets=True, layer_budgets="adakv"); the demo prints the range of the
+chunks' keep ratios and novelty and of the layers' budgets, and plots them. `--family` runs a much
+smaller model of that family instead (2 layers of width 64, 8 x 8 pixel frames: the one the tests run).
 
 DPSelect: frames become features by a fixed random projection of pixel patches (a
 stand-in for a vision encoder), then retake_ops.dpselect keeps `--keep` of the frames,
@@ -22,7 +24,8 @@ SigLIP checkpoint from a local folder (`--clip DIR`), or without one a transpare
 colour scorer that understands questions naming red, green or blue (the synthetic
 video's shots are tinted), so the demo runs offline.
 Writes PNGs of the distance curve (peaks, kept frames), the relevance scores (selected
-frames) and the VideoLLM runs.
+frames), the VideoLLM runs (videollm.png) and AdaReTaKe's budgets (videollm_budgets.png: each
+chunk's keep ratio against its novelty, and the tokens each layer keeps of each chunk).
 """
 import argparse
 import pathlib
@@ -204,7 +207,9 @@ def videollm_inputs(model, folder, family, video, question):
 
 
 def videollm_stage(args, video, out):
-    """Prefill (and a few greedy tokens) with and without ReTaKe; returns the figures."""
+    """Prefill (and a few greedy tokens) with and without ReTaKe, then a prefill with AdaReTaKe's budgets;
+    returns the figures."""
+    import dataclasses
     import time
 
     from ._measure import peak_bytes
@@ -234,6 +239,10 @@ def videollm_stage(args, video, out):
                     handle.remove()
             runs[name] = dict(seconds=seconds, peak=peak, report=report,
                               answer=tokens[0, inputs["input_ids"].shape[1]:].tolist())
+        # The budgets change only what the prefill keeps, so one untimed prefill is enough to report them.
+        with apply_retake(model, dataclasses.replace(config, temporal_budgets=True, layer_budgets="adakv")) as handle:
+            model(**inputs, logits_to_keep=1)
+        budgets = handle.report
     real = int(inputs["attention_mask"].sum())
     report = runs["retake"]["report"]
     v = report.videos[0]
@@ -252,12 +261,29 @@ def videollm_stage(args, video, out):
         r = runs[name]
         print(f"  prefill {label}: {r['seconds']:.2f} s, peak memory {r['peak'] / 2**20:.1f} MiB "
               f"(on top of the model); greedy tokens {r['answer']}")
+    a = budgets.videos[0]
+    novelty, ratios = a.chunk_novelty.tolist(), a.chunk_ratios.tolist()
+    print(f"  temporal_budgets=True: {len(ratios)} chunk{'s' * (len(ratios) > 1)}, novelty d_c "
+          f"{min(novelty):.3f}..{max(novelty):.3f} -> keep ratio r_c {min(ratios):.3f}..{max(ratios):.3f} "
+          f"(mean {sum(ratios) / len(ratios):.2f}; {v.kv_keep_ratio} each without)")
+    kept_a = a.layer_kept
+    share = even_shares(kept_a)[1]
+    held_a = [int(h[0]) for h in budgets.held_tokens() if h is not None]
+    print(f"  layer_budgets='adakv': a layer keeps {float(share.min()):.2f}x..{float(share.max()):.2f}x its chunk's "
+          f"even budget ({int(kept_a.min())}..{int(kept_a.max())} tokens per chunk); with both, KV tokens held "
+          f"per layer {held_a}")
     png = out / "videollm.png"
     plot_videollm(png, grid_t, kept_groups, key_groups, real, held, runs)
     print(f"wrote {png}")
+    budgets_png = out / "videollm_budgets.png"
+    plot_budgets(budgets_png, v, a, budgets.compressed_layers, tps)
+    print(f"wrote {budgets_png}")
     return {"groups": grid_t, "kept_groups": kept_groups, "keyframe_groups": key_groups, "held": held,
             "tokens": real, "png": str(png),
-            "seconds": {k: r["seconds"] for k, r in runs.items()}, "peak": {k: r["peak"] for k, r in runs.items()}}
+            "seconds": {k: r["seconds"] for k, r in runs.items()}, "peak": {k: r["peak"] for k, r in runs.items()},
+            "budgets": {"novelty": novelty, "ratios": ratios, "flat_ratios": v.chunk_ratios.tolist(),
+                        "layer_kept": kept_a.tolist(), "layers": budgets.compressed_layers, "held": held_a,
+                        "png": str(budgets_png)}}
 
 
 def plot_videollm(path, groups, kept, keys, real, held, runs):
@@ -288,6 +314,70 @@ def plot_videollm(path, groups, kept, keys, real, held, runs):
     cx.set_title("prefill time (orange), peak memory (purple)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _index_ticks(axis, labels, most="auto"):
+    """Integer ticks on an axis of indices into `labels`, at most about `most` of them ("auto": as many as
+    the axis length fits for short labels), named by the labels."""
+    from matplotlib.ticker import FuncFormatter, MaxNLocator
+
+    axis.set_major_locator(MaxNLocator(nbins=most, integer=True))
+    axis.set_major_formatter(FuncFormatter(lambda x, _: labels[int(x)] if 0 <= x < len(labels) else ""))
+
+
+def even_shares(layer_kept):
+    """(even budget per chunk [C], each layer's tokens over it [C, layers]) of a VideoReport's layer_kept: the
+    mean over the layers is the even budget, as adakv's budgets of a chunk sum to layers x it."""
+    even = layer_kept.double().mean(1)
+    return even, layer_kept / even[:, None]
+
+
+def plot_budgets(path, flat, ada, layers, tps):
+    """AdaReTaKe's budgets on one video: flat, ada are its VideoReports without and with them (same chunks)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.colors import Normalize
+
+    chunks = len(ada.chunk_ratios)
+    starts = (ada.kept_frames[ada.chunk_starts[:-1]] * tps).tolist()
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(13, 4.2), gridspec_kw={"width_ratios": [1, 1.3]})
+    x = torch.arange(chunks).numpy()
+    ax.bar(x, ada.chunk_ratios.numpy(), width=0.6, color="tab:blue",
+           label=f"r_c, temporal_budgets=True (mean {float(ada.chunk_ratios.mean()):.2f})")
+    ax.hlines(flat.chunk_ratios.numpy(), x - 0.3, x + 0.3, colors="black", linestyles="--",
+              label="r_c without (kv_keep_ratio)")
+    ax.set_ylabel("chunk keep ratio r_c")
+    # Both axes leave their top third to the legend, so that no bar or point hides under it.
+    ax.set_ylim(0, 1.5)
+    ax.set_yticks([0, 0.2, 0.4, 0.6, 0.8, 1.0])
+    ax2 = ax.twinx()
+    ax2.plot(x, ada.chunk_novelty.numpy(), "o-", color="tab:red", label="novelty d_c")
+    ax2.set_ylabel("chunk novelty d_c", color="tab:red")
+    ax2.set_ylim(0, float(ada.chunk_novelty.max()) * 1.5 or 1.0)  # a lone chunk has no novelty
+    _index_ticks(ax.xaxis, [f"{c}\nframe {s}" for c, s in enumerate(starts)], most=6)  # wide labels
+    ax.set_xlabel("prefill chunk (first kept frame)")
+    handles = [h for each in (ax, ax2) for h in each.get_legend_handles_labels()[0]]
+    ax.legend(handles, [h.get_label() for h in handles], loc="upper center", ncols=2, fontsize=8)
+    ax.set_title("temporal_budgets=True: novel chunks keep more")
+
+    kept = ada.layer_kept
+    even, share = even_shares(kept)
+    span = max(float((share - 1).abs().max()), 0.05)
+    im = bx.imshow(share.numpy(), cmap="coolwarm", norm=Normalize(1 - span, 1 + span), aspect="auto")
+    if kept.shape[0] <= 12 and kept.shape[1] <= 16:  # smaller cells leave no room for their numbers
+        for c in range(kept.shape[0]):
+            for i in range(kept.shape[1]):
+                bx.text(i, c, int(kept[c, i]), ha="center", va="center", fontsize=8)
+    _index_ticks(bx.xaxis, [str(layer) for layer in layers])
+    _index_ticks(bx.yaxis, [f"chunk {c}: even {e:g}" for c, e in enumerate(even.tolist())])
+    bx.set_xlabel("layer")
+    fig.colorbar(im, ax=bx, label="tokens kept / even budget")
+    bx.set_title("layer_budgets='adakv': video tokens each layer keeps per chunk")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
     plt.close(fig)
 
 

@@ -51,9 +51,10 @@ def test_video_file_is_decoded_with_pyav(tmp_path):
     assert set(cuts) <= set(result["keyframes"])
 
 
+@pytest.mark.filterwarnings("ignore:PivotKV. pivot tokens outnumber")  # a keyframe group: 16 tokens, a chunk keeps 12
 def test_videollm_stage_runs_the_tiny_qwen2_vl_with_and_without_retake(tmp_path, capsys):
     result = demo.main(["--frames", "32", "--shots", "3", "--select", "0", "--out", str(tmp_path),
-                        "--max-new-tokens", "2"])["videollm"]
+                        "--max-new-tokens", "2", "--chunk-frames", "4"])["videollm"]
     out = capsys.readouterr().out
     assert "a tiny Qwen2-VL with random weights, built from a config (no download)" in out
     assert result["groups"] == 16 and len(result["kept_groups"]) == 8  # frame_keep_ratio 0.5 of 16 groups
@@ -64,13 +65,26 @@ def test_videollm_stage_runs_the_tiny_qwen2_vl_with_and_without_retake(tmp_path,
     assert set(result["seconds"]) == set(result["peak"]) == {"plain", "retake"}
     assert all(v > 0 for v in result["peak"].values())
     assert (tmp_path / "videollm.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # AdaReTaKe's budgets: 8 kept groups in chunks of 4 frames = 2 groups make 4 chunks.
+    budgets = result["budgets"]
+    assert "  temporal_budgets=True: 4 chunks, novelty d_c " in out and "(mean 0.40; 0.4 each without)" in out
+    assert "  layer_budgets='adakv': a layer keeps " in out
+    assert budgets["flat_ratios"] == [0.4] * 4 and sum(budgets["ratios"]) == pytest.approx(4 * 0.4)
+    by_novelty = sorted(zip(budgets["novelty"], budgets["ratios"]))
+    assert [r for _, r in by_novelty] == sorted(budgets["ratios"])  # more novel chunks keep more
+    assert len(set(budgets["ratios"])) > 1
+    assert budgets["layers"] == list(range(8)) and len(budgets["held"]) == 8
+    assert all(len(row) == 8 and sum(row) % 8 == 0 for row in budgets["layer_kept"])  # layers x the even budget
+    assert (tmp_path / "videollm_budgets.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 @pytest.mark.parametrize("family", list(tiny.BUILDERS))
 def test_videollm_stage_runs_every_familys_tiny_model_with_and_without_retake(tmp_path, capsys, family):
     result = demo.main(["--family", family, "--frames", "16", "--shots", "2", "--select", "0", "--out", str(tmp_path),
                         "--max-new-tokens", "1"])["videollm"]
-    assert f"VideoLLM: a tiny {family} (" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert f"VideoLLM: a tiny {family} (" in out
+    assert "  temporal_budgets=True: 1 chunk, " in out and "  layer_budgets='adakv': a layer keeps " in out
     groups = 8 if family in tiny.QWEN else 16  # temporal groups of 2 frames; LLaVA-OneVision: frames
     assert result["groups"] == groups and len(result["kept_groups"]) == groups // 2
     assert set(result["keyframe_groups"]) <= set(result["kept_groups"])
@@ -78,6 +92,9 @@ def test_videollm_stage_runs_every_familys_tiny_model_with_and_without_retake(tm
     assert result["tokens"] == layout["input_ids"].shape[1]
     assert len(result["held"]) == 2 and all(held < result["tokens"] for held in result["held"])
     assert (tmp_path / "videollm.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert len(result["budgets"]["layers"]) == 2  # 2 layers; a hybrid's 2 full-attention layers of 4
+    assert [len(row) for row in result["budgets"]["layer_kept"]] == [2]
+    assert (tmp_path / "videollm_budgets.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 @pytest.mark.parametrize("family", tiny.QWEN)
