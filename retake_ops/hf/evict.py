@@ -147,14 +147,14 @@ def evict_pooled(step) -> torch.Tensor:
         budget = kept[:, i].to(lev.keep.device)
         kept_mask = lev.protected.clone()
         for g, s in zip(lev.groups, scores):
-            rows = slice(None) if g.rows is None else g.rows
-            picked = select_mask(s, g.pivots, budget[rows], force)
-            cand = torch.zeros_like(kept_mask[rows])
+            members = slice(None) if g.rows is None else g.rows
+            picked = select_mask(s, g.pivots, budget[members], force)
+            cand = torch.zeros_like(kept_mask[members])
             if isinstance(g.cand, slice):
                 cand[:, g.cand] = picked
             else:
                 cand.scatter_(1, g.cand, picked)
-            kept_mask[rows] |= cand
+            kept_mask[members] |= cand
         slots = int(held[:, i].max())
         slot_valid = torch.arange(slots, device=kept_mask.device)[None, :] < held[:, i, None].to(kept_mask.device)
         layer.compact(_kept_columns(kept_mask, slots), slot_valid, placed.probe)
