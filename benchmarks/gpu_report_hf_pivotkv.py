@@ -5,11 +5,16 @@ Model: Qwen2VLTextModel with Qwen2-VL-7B's language-model shape (28 layers, hidd
 32768 random token ids, prefilled in chunks of 8192:
   uncompressed  the same chunks through a DynamicCache (the anchor)
   pivotkv       retake_ops.hf.chunked_prefill, keep_ratio 0.25 (the last chunk stays whole)
+  pivotkv_adakv the same with PivotKVCache(layer_budgets="adakv"): per-layer budgets from the
+                pooled scores, each chunk evicted once the last layer has scored it
 Figures: prefill time of each, the time spent in the eviction step (CUDA events around
-retake_ops.hf.evict in a separate run) and its share of the PivotKV prefill (target <= 5%),
-peak extra memory of each against the uncompressed KV cache bytes (nothing O(L^2):
-the ratio stays O(1)), and the model FLOP rate against ctx.matmul_tflops, counting
-2 * (non-embedding parameters) per token plus 4 * Hq * D * q * kv per chunk of attention.
+retake_ops.hf.evict, and evict_pooled with layer budgets, in a separate run) and its share
+of that prefill (target <= 5%), peak extra memory of each against the uncompressed KV cache
+bytes (nothing O(L^2): the ratio stays O(1); layer budgets keep a chunk's K/V whole in every
+layer until the last has scored it, in room the prefill reserves for even budgets too, so they
+should add little more than the scores), and the model FLOP rate against ctx.matmul_tflops,
+counting 2 * (non-embedding parameters) per token plus 4 * Hq * D * q * kv per chunk of
+attention (layer budgets sum to the even ones, so both PivotKV prefills count the same).
 ctx.quick: a 16384-token prompt in chunks of 4096. ctx.small: 2 layers, hidden 64, a
 256-token prompt in chunks of 64, so it smoke-runs on CPU. transformers and retake_ops.hf
 are imported when the section runs: without them the report records it as skipped.
@@ -64,45 +69,49 @@ def _uncompressed(model, ids, chunk):
     return cache
 
 
-def _pivotkv(model, ids, chunk):
+def _pivotkv(model, ids, chunk, layer_budgets="even"):
     from retake_ops.hf import PivotKVCache, chunked_prefill
 
-    cache = PivotKVCache(keep_ratio=KEEP)
+    cache = PivotKVCache(keep_ratio=KEEP, layer_budgets=layer_budgets)
     chunked_prefill(model, ids, cache=cache, chunk_size=chunk)
     return cache
 
 
-def _eviction_ms(ctx, model, ids, chunk):
-    """Milliseconds inside the eviction step during one PivotKV prefill (after a warm-up run)."""
-    from retake_ops.hf import attention
+def _eviction_ms(ctx, model, ids, chunk, layer_budgets="even"):
+    """Milliseconds inside the eviction step during one PivotKV prefill (after a warm-up run):
+    every layer's evict and, with layer budgets, the evict_pooled after each forward."""
+    from retake_ops.hf import attention, prefill
 
     cuda = ctx.device.type == "cuda"
     spans = []
-    evict = attention.evict
+    evict, evict_pooled = attention.evict, prefill.evict_pooled
 
-    def timed(*args):
-        if cuda:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            evict(*args)
-            end.record()
-            spans.append((start, end))
-        else:
-            t0 = time.perf_counter()
-            evict(*args)
-            spans.append((time.perf_counter() - t0) * 1e3)
+    def timing(fn):
+        def timed(*args):
+            if cuda:
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                out = fn(*args)
+                end.record()
+                spans.append((start, end))
+            else:
+                t0 = time.perf_counter()
+                out = fn(*args)
+                spans.append((time.perf_counter() - t0) * 1e3)
+            return out
+        return timed
 
-    attention.evict = timed
+    attention.evict, prefill.evict_pooled = timing(evict), timing(evict_pooled)
     try:
-        _pivotkv(model, ids, chunk)
+        _pivotkv(model, ids, chunk, layer_budgets)
         spans.clear()
-        _pivotkv(model, ids, chunk)
+        _pivotkv(model, ids, chunk, layer_budgets)
         if cuda:
             torch.cuda.synchronize()
             return sum(s.elapsed_time(e) for s, e in spans)
         return sum(spans)
     finally:
-        attention.evict = evict
+        attention.evict, prefill.evict_pooled = evict, evict_pooled
 
 
 def _flops(s, params, kept_per_chunk):
@@ -136,9 +145,14 @@ def run(ctx) -> dict:
     held_bytes = sum(layer.keys.nbytes + layer.values.nbytes for layer in pivot_cache.layers)
     del pivot_cache
 
+    adakv_ms = ctx.bench(lambda: _pivotkv(model, ids, chunk, "adakv"))
+    adakv_evict_ms = _eviction_ms(ctx, model, ids, chunk, "adakv")
+    adakv_peak = ctx.peak_memory(lambda: _pivotkv(model, ids, chunk, "adakv"))
+
     full_flops = _flops(s, params, lambda q, last: q)
     pivot_flops = _flops(s, params, lambda q, last: q if last else retake_ops.keep_tokens(q, KEEP))
     share = evict_ms / pivot_ms
+    adakv_share = adakv_evict_ms / adakv_ms
     return {
         "shape": dict(s, dtype="float32" if ctx.device.type == "cpu" else "bfloat16", keep_ratio=KEEP),
         "uncompressed_prefill": {
@@ -151,13 +165,25 @@ def run(ctx) -> dict:
             "tflops": pivot_flops / (pivot_ms * 1e-3) / 1e12,
             "fraction_of_matmul_tflops": pivot_flops / (pivot_ms * 1e-3) / 1e12 / ctx.matmul_tflops,
         },
+        "pivotkv_adakv_prefill": {
+            "ms": adakv_ms, "ratio_to_anchor": adakv_ms / pivot_ms, "anchor": "pivotkv_prefill",
+            "ratio_to_uncompressed": adakv_ms / full_ms,
+            "tflops": pivot_flops / (adakv_ms * 1e-3) / 1e12,
+            "fraction_of_matmul_tflops": pivot_flops / (adakv_ms * 1e-3) / 1e12 / ctx.matmul_tflops,
+        },
         "compression": {
             "ms": evict_ms, "share_of_pivotkv_prefill": share, "ratio_to_ceiling": share / 0.05,
             "ceiling": "5% of the PivotKV prefill (the performance target)",
         },
+        "compression_adakv": {
+            "ms": adakv_evict_ms, "share_of_pivotkv_adakv_prefill": adakv_share,
+            "ratio_to_ceiling": adakv_share / 0.05,
+            "ceiling": "5% of the PivotKV prefill with layer budgets (the performance target)",
+        },
         "peak_memory": {
-            "uncompressed_bytes": full_peak, "pivotkv_bytes": pivot_peak,
+            "uncompressed_bytes": full_peak, "pivotkv_bytes": pivot_peak, "pivotkv_adakv_bytes": adakv_peak,
             "ratio_to_anchor": None if not full_peak or pivot_peak is None else pivot_peak / full_peak,
+            "adakv_ratio_to_pivotkv": None if not pivot_peak or adakv_peak is None else adakv_peak / pivot_peak,
             "kv_cache_bytes_uncompressed": kv_bytes, "kv_cache_bytes_pivotkv": held_bytes,
             "pivotkv_peak_over_uncompressed_kv_bytes": None if pivot_peak is None else pivot_peak / kv_bytes,
             "attention_matrix_bytes_if_materialized": 4 * s["heads"] * chunk * s["prompt"],
