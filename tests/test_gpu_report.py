@@ -33,6 +33,9 @@ def test_small_cpu_run_writes_every_section(tmp_path):
     attn = data["sections"]["attn_scores"]
     assert attn["plot"] == "attn_scores.png" and (tmp_path / "attn_scores.png").exists()
     assert attn["by_length"]["L=64"]["op"]["skipped"] == "the passes are Triton launches: CUDA only"
+    budgets = data["sections"]["hf_pivotkv"]["layer_budgets"]  # recorded apart: an error would not fail the section
+    assert "error" not in budgets, budgets.get("traceback")
+    assert budgets["prefill"]["ms"] > 0 and budgets["compression"]["ms"] > 0
 
 
 def test_missing_matplotlib_and_transformers_cost_only_what_needs_them(tmp_path):
