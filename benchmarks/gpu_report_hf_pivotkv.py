@@ -12,8 +12,8 @@ Figures: prefill time of each, the time spent in the eviction step (CUDA events 
 retake_ops.hf.evict, and evict_pooled with layer budgets, in a separate run) and its share
 of that prefill (target <= 5%), peak extra memory of each against the uncompressed KV cache
 bytes (nothing O(L^2): the ratio stays O(1); layer budgets keep a chunk's K/V whole in every
-layer until the last has scored it, in room the prefill reserves for even budgets too, so they
-should add little more than the scores), and the model FLOP rate against ctx.matmul_tflops,
+layer until the last has scored it, and the layers that keep more than even budgets grow their
+storage past what the prefill reserved), and the model FLOP rate against ctx.matmul_tflops,
 counting 2 * (non-embedding parameters) per token plus 4 * Hq * D * q * kv per chunk of
 attention (layer budgets sum to the even ones, so both PivotKV prefills count the same).
 ctx.quick: a 16384-token prompt in chunks of 4096. ctx.small: 2 layers, hidden 64, a

@@ -53,7 +53,7 @@ def test_chunk_ratios_of_random_features_follow_the_definition(chunks, r, lo, hi
     g = torch.Generator().manual_seed(seed)
     embeds = torch.rand(chunks, 16, generator=g) + torch.randn(chunks, 16, generator=g) * 0.3
     d = chunk_novelty(embeds)
-    np.testing.assert_allclose(d.numpy(), ref_novelty(embeds.numpy()), rtol=0, atol=1e-6)
+    np.testing.assert_allclose(d.numpy(), ref_novelty(embeds.numpy()), rtol=0, atol=1e-12)
     got = chunk_ratios(d, r, lo, hi)
     assert got.dtype == torch.float64 and got.shape == (chunks,)
     np.testing.assert_allclose(got.numpy(), ref_ratios(d.numpy(), r, lo, hi), rtol=0, atol=1e-9)
@@ -83,21 +83,36 @@ def test_a_chunk_clipped_at_hi_and_chunks_clipped_at_lo():
     assert abs(float(got.mean()) - 0.3) < 1e-9
 
 
-@pytest.mark.parametrize("d", [[0.0, 0.0, 0.0], [0.7]])
-def test_no_novelty_or_one_chunk_keeps_the_row_ratio(d):
-    got = chunk_ratios(torch.tensor(d, dtype=torch.float64), 0.3, 0.1, 0.9)
-    assert got.tolist() == [0.3] * len(d)
+@pytest.mark.parametrize("d", [[0.0, 0.0, 0.0], [0.7], [0.2, 0.2], [0.1] * 6])
+@pytest.mark.parametrize("r", [0.1, 0.3, 0.25])
+def test_equal_novelty_or_one_chunk_keeps_exactly_the_row_ratio(d, r):
+    """Exactly r, not r give or take a rounding: keep_tokens(n, r) must not lose a token where r * n is whole."""
+    got = chunk_ratios(torch.tensor(d, dtype=torch.float64), r, 0.01, 0.9)
+    assert got.tolist() == [r] * len(d)
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_two_chunks_are_equally_novel(seed):
+    """d_1 and d_2 are both half the one distance between the two chunks: exactly equal, so both get r."""
+    embeds = torch.randn(2, 24, generator=torch.Generator().manual_seed(seed))
+    d = chunk_novelty(embeds)
+    assert d[0] == d[1] > 0
+    assert chunk_ratios(d, 0.25, 1e-3, 1.0).tolist() == [0.25, 0.25]
+
+
+def test_a_static_video_has_no_novelty():
+    """Chunks of identical frames (means over different numbers of them round differently): no novelty at all,
+    where 1 - cos of the rounded means would leave a few 1e-16 to decide the ratios."""
+    frame = torch.rand(48, generator=torch.Generator().manual_seed(0))
+    embeds = torch.stack([frame.repeat(k, 1).mean(0) for k in (3, 3, 1, 5)])
+    assert chunk_novelty(embeds).tolist() == [0.0] * 4
+    assert chunk_ratios(chunk_novelty(embeds), 0.4, 1e-3, 1.0).tolist() == [0.4] * 4
 
 
 @pytest.mark.parametrize("r, lo, hi", [(0.2, 0.2, 0.8), (0.8, 0.2, 0.8), (0.5, 0.5, 0.5)])
 def test_a_ratio_at_an_end_of_the_range_puts_every_chunk_there(r, lo, hi):
     got = chunk_ratios(torch.tensor([0.1, 0.5, 0.2], dtype=torch.float64), r, lo, hi)
     assert got.tolist() == [r] * 3
-
-
-def test_equal_novelty_gives_equal_ratios():
-    got = chunk_ratios(torch.full((5,), 0.4, dtype=torch.float64), 0.3, 1e-3, 1.0)
-    np.testing.assert_allclose(got.numpy(), 0.3, rtol=0, atol=1e-12)
 
 
 # ---------------------------------------------------------------------------------------

@@ -227,6 +227,23 @@ def test_layer_budgets_equal_oracle(arch, impl):
     assert torch.equal(gen, oracle_greedy(model, impl, ids, kept, prefill_len, chunk, steps, attention_mask=mask))
 
 
+@pytest.mark.parametrize("ratio, length", [(1.0, 40), (0.5, 16)], ids=["ratio 1", "only the last chunk"])
+def test_layer_budgets_where_a_chunk_only_sheds_padding(ratio, length):
+    """Padding inside every row's chunk and nothing to score (ratio 1, or a prompt that is one last chunk,
+    which stays whole): the chunk only sheds its padding, the same in every layer, as with even budgets."""
+    model = build("llama", "sdpa")
+    ids = torch.randint(3, 120, (2, length), generator=torch.Generator().manual_seed(2))
+    mask = torch.ones_like(ids)
+    mask[:, :5] = 0
+    mask[1, :12] = 0
+    runs = {}
+    for budgets in ("even", "adakv"):
+        cache = PivotKVCache(keep_ratio=ratio, layer_budgets=budgets)
+        runs[budgets] = chunked_prefill(model, ids, cache=cache, chunk_size=16, attention_mask=mask), kept_of(cache, model)
+    torch.testing.assert_close(runs["adakv"][0], runs["even"][0], rtol=0, atol=TOL)
+    assert all(torch.equal(a, b) for a, b in zip(runs["adakv"][1], runs["even"][1]))
+
+
 def test_layer_budgets_are_validated():
     with pytest.raises(ValueError, match=r"PivotKVCache: layer_budgets must be one of \['even', 'adakv'\], got 'x'"):
         PivotKVCache(layer_budgets="x")

@@ -221,6 +221,8 @@ def assert_budgets_hold(family, inputs, report, ratio=0.4, chunk_ratio_range=(1e
         starts, ratios = video.chunk_starts.tolist(), video.chunk_ratios.tolist()
         assert len(ratios) == len(starts) - 1 >= 2
         assert abs(sum(ratios) / len(ratios) - ratio) < 1e-9
+        if len(ratios) == 2:  # two chunks are always equally novel: exactly the row's ratio, no token lost
+            assert ratios == [ratio, ratio]
         assert all(chunk_ratio_range[0] <= r <= chunk_ratio_range[1] for r in ratios)
         assert video.layer_kept.tolist() == held_per_chunk(family, inputs, report, b)
         keyframes = set(video.keyframes.tolist())
@@ -309,10 +311,10 @@ def test_layer_budgets_follow_the_pooled_scores(monkeypatch):
 
 
 @pytest.mark.parametrize("fields", [dict(temporal_budgets=False), dict(layer_budgets="even"),
-                                    dict(force_pivots=True, window=1)])
+                                    dict(force_pivots=True), dict(force_pivots=True, window=1)])
 def test_each_budget_option_alone_equals_the_masked_oracle(fields):
-    """Each option without the other; and with forced pivots where every frame is a keyframe (window 1), so
-    that every layer's floor is the whole budget."""
+    """Each option without the other; and both with forced pivots (the keyframes' tokens a layer keeps first
+    bound its budget from below), with window 1 on every token (every layer's floor is the whole budget)."""
     model = build("qwen2_vl", "eager")
     videos, inputs = case("qwen2_vl", 2)
     with apply_retake(model, ada_config("qwen2_vl", **fields)) as handle:

@@ -4,8 +4,8 @@ Temporal budgets (RetakeConfig(temporal_budgets=True)): a video's prefill chunks
 content keep more. With e_c the mean feature of chunk c's kept frames (C chunks),
     d_c = ((1 - cos(e_c, e_{c-1})) + (1 - cos(e_c, e_{c+1}))) / 2,   e_0 = e_1, e_{C+1} = e_C,
     q_c = r * d_c / mean(d),   r_c = clip(q_c - mu, lo, hi),
-with mu the value for which mean(r_c) = r (found exactly, below). One chunk, or no novelty at all:
-every r_c = r.
+with mu the value for which mean(r_c) = r (found exactly, below). One chunk, or every chunk as novel
+as the others (none at all included): every r_c = r, exactly.
 
 Layer budgets (RetakeConfig(layer_budgets="adakv")): once every layer has scored a chunk's n video
 tokens of a row with budget K, the top layers * K of all layers' scores are pooled (ties: the lower
@@ -18,15 +18,18 @@ import torch
 import torch.nn.functional as F
 
 COS_EPS = 1e-8
+# 1 - cos of two identical float64 vectors is not always exactly 0 (a few 1e-16): below this it counts as 0,
+# so that a static video's chunks, or two chunks' equal novelty, give every chunk exactly the row's ratio.
+ROUNDING = 1e-12
 
 
 def chunk_novelty(embeds: torch.Tensor) -> torch.Tensor:
-    """float64 [C]: d_c of the chunks' mean features embeds [C, F] (fp32, as the features)."""
-    prev = torch.cat([embeds[:1], embeds[:-1]])
-    nxt = torch.cat([embeds[1:], embeds[-1:]])
-    d = ((1 - F.cosine_similarity(embeds, prev, dim=-1, eps=COS_EPS))
-         + (1 - F.cosine_similarity(embeds, nxt, dim=-1, eps=COS_EPS))) / 2
-    return d.double()
+    """float64 [C]: d_c of the chunks' mean features embeds [C, F], in float64. A chunk's distance to itself
+    (the padded ends) is exactly 0, so two chunks always share one novelty."""
+    e = embeds.double()
+    gap = 1 - F.cosine_similarity(e[:-1], e[1:], dim=-1, eps=COS_EPS)  # each chunk and the next
+    gap = torch.cat([gap.new_zeros(1), torch.where(gap > ROUNDING, gap, 0.0), gap.new_zeros(1)])
+    return (gap[:-1] + gap[1:]) / 2
 
 
 def chunk_ratios(novelty: torch.Tensor, ratio: float, lo: float, hi: float) -> torch.Tensor:
@@ -38,10 +41,9 @@ def chunk_ratios(novelty: torch.Tensor, ratio: float, lo: float, hi: float) -> t
     The r_c are unique even where mu is not (a flat piece: every chunk clipped).
     """
     d = novelty.double()
-    mean = float(d.mean()) if d.numel() else 0.0
-    if d.numel() <= 1 or mean == 0.0 or not lo < ratio < hi:  # at lo or hi, every chunk is there
+    if d.numel() <= 1 or bool((d == d[0]).all()) or not lo < ratio < hi:  # at lo or hi, every chunk is there
         return torch.full_like(d, ratio)
-    q = ratio * d / mean
+    q = ratio * d / d.mean()
     points = torch.cat([q - hi, q - lo]).sort().values
     g = [float((q - mu).clamp(lo, hi).mean()) for mu in points]  # from g[0] == hi down to g[-1] == lo
     j = next((i for i in range(1, len(g)) if g[i] <= ratio), len(g) - 1)

@@ -15,8 +15,9 @@ tensors on that device (the plan is placed by the caller).
 
 Layer budgets (PivotKVCache(layer_budgets="adakv")): a layer only scores the chunk (`evict` keeps
 the scores on the step); once the forward is through every layer, `evict_pooled` pools them,
-allocates each layer's budget (retake_ops.hf.budgets, one host transfer of the pooled counts) and
-compacts every layer with pivot_kv_compress's rule under its own budget. Until then each layer holds
+allocates each layer's budget (retake_ops.hf.budgets: the pooled counts come to the host and the
+budgets go back, one transfer each way per chunk) and compacts every layer with
+pivot_kv_compress's rule under its own budget. Until then each layer holds
 the chunk's keys and values whole, as it does during its own attention.
 """
 from __future__ import annotations
@@ -96,7 +97,7 @@ def evict(layer, plan: StepPlan, query: torch.Tensor, scale: float | None, step)
     n_prev = layer.n_prev
     k_new = layer.keys[:, :, n_prev:n_prev + chunk]
     v_new = layer.values[:, :, n_prev:n_prev + chunk]
-    if cache.layer_budgets == "adakv":
+    if cache.layer_budgets == "adakv" and ev.groups:  # without groups, only padding leaves: the same in every layer
         step.pending.append((layer, plan, _scores(ev.groups, query, k_new, scale, tp)))
         return
     kept_mask = ev.protected.clone()
@@ -142,9 +143,11 @@ def evict_pooled(step) -> torch.Tensor:
     for b, floor, keep, count in zip(rows, floors, keeps, counts):
         kept[b] = torch.tensor(budgets(count, keep, floor))
     held = kept + torch.tensor(ev.protected_counts)[:, None]
+    # One copy to the device per chunk; each layer then reads its column there (no host wait per layer).
+    budgets_dev, held_dev = kept.to(plan.device), held.to(plan.device)
     for i, (layer, placed, scores) in enumerate(pending):
         lev = placed.evict
-        budget = kept[:, i].to(lev.keep.device)
+        budget = budgets_dev[:, i].to(lev.keep.device)
         kept_mask = lev.protected.clone()
         for g, s in zip(lev.groups, scores):
             members = slice(None) if g.rows is None else g.rows
@@ -156,7 +159,7 @@ def evict_pooled(step) -> torch.Tensor:
                 cand.scatter_(1, g.cand, picked)
             kept_mask[members] |= cand
         slots = int(held[:, i].max())
-        slot_valid = torch.arange(slots, device=kept_mask.device)[None, :] < held[:, i, None].to(kept_mask.device)
+        slot_valid = torch.arange(slots, device=kept_mask.device)[None, :] < held_dev[:, i, None].to(kept_mask.device)
         layer.compact(_kept_columns(kept_mask, slots), slot_valid, placed.probe)
     return kept
 

@@ -41,8 +41,8 @@ class Group:
     cand: Columns  # chunk columns of the evictable tokens
     keep: int
     pivots: torch.Tensor | None  # bool [rows, n_cand]; None: no pivot among the candidates
-    members: tuple[int, ...] = ()  # the rows, on the host
-    floors: tuple[int, ...] = ()  # per member, the least a layer may keep under layer budgets (its forced pivots)
+    members: tuple[int, ...]  # the rows, on the host
+    floors: tuple[int, ...]  # per member, the least a layer may keep under layer budgets (its forced pivots)
 
 
 @dataclass

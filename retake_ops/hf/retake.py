@@ -56,6 +56,7 @@ class RetakeConfig:
         pivot_overflow: when a chunk's pivots outnumber its budget: "evict" (keep the best-scored
             pivots), "keep" (keep them all, over budget) or "raise". The first two warn once per prefill.
         reforge_positions: ReTaKe's position re-forging of the kept keys (see PivotKVCache).
+        progress: a progress bar over the prefill's chunks.
         temporal_budgets: AdaReTaKe's temporal budgets: each prefill chunk of a video keeps keep_tokens(n_c, r_c)
             of its n_c video tokens, r_c larger for chunks whose mean feature differs more from their
             neighbours' and averaging the row's ratio r over the video's chunks, within chunk_ratio_range
@@ -67,7 +68,6 @@ class RetakeConfig:
             layers whose scores dominate the top layers * K of all layers' scores keep more, the budgets
             summing to layers * K; see PivotKVCache). A hybrid model shares them among its full-attention
             layers. Not with reforge_positions.
-        progress: a progress bar over the prefill's chunks.
     """
 
     frame_keep_ratio: float = 1.0
@@ -80,10 +80,10 @@ class RetakeConfig:
     force_pivots: bool = True
     pivot_overflow: str = "evict"
     reforge_positions: bool = False
+    progress: bool = False
     temporal_budgets: bool = False
     chunk_ratio_range: tuple[float, float] = (1e-3, 1.0)
     layer_budgets: str = "even"
-    progress: bool = False
 
     def __post_init__(self):
         # Numbers of any type (numpy, 0-d tensors) are stored as Python's, so a config compares, hashes

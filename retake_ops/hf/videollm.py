@@ -202,7 +202,7 @@ class _Schedule:
     chunks of `per_chunk` frames (with by_video, a row's chunk never holds frames of two videos), the
     text after the last video. Rows are aligned at their ends, so a row with fewer chunks starts later;
     every forward is left-padded per row to its widest row. chunk_of[b][o]: the row's chunk of its kept
-    frame o; chunk_ids[s][b]: the row's chunk in forward s (-1: none)."""
+    frame o; chunk_ids[s][b]: the row's chunk in forward s (negative: none)."""
 
     def __init__(self, world: _ShortWorld, per_chunk: int, by_video: bool):
         batch = world.src.shape[0]
@@ -269,11 +269,12 @@ def _video_chunks(videos, world: _ShortWorld, schedule: _Schedule, ratios: list[
         chunk = [c for c, owner in zip(schedule.chunk_of[b], world.frame_video[b]) if owner == v]
         ids = sorted(set(chunk))
         starts = torch.tensor([chunk.index(c) for c in ids] + [len(chunk)], dtype=torch.int64)
-        means = world.means[v].cpu()
+        means = world.means[v].cpu().double()
         embeds = torch.stack([means[starts[i]:starts[i + 1]].mean(0) for i in range(len(ids))])
         novelty = chunk_novelty(embeds)
         if config.temporal_budgets:
-            config.check_chunk_ratio(ratios[b])
+            if config.max_kv_tokens is not None:  # a given kv_keep_ratio was checked with the config
+                config.check_chunk_ratio(ratios[b])
             out.append((ids, starts, novelty, chunk_ratios(novelty, ratios[b], *config.chunk_ratio_range)))
         else:
             out.append((ids, starts, novelty, torch.full((len(ids),), ratios[b], dtype=torch.float64)))
