@@ -36,6 +36,9 @@ def test_small_cpu_run_writes_every_section(tmp_path):
     budgets = data["sections"]["hf_pivotkv"]["layer_budgets"]  # recorded apart: an error would not fail the section
     assert "error" not in budgets, budgets.get("traceback")
     assert budgets["prefill"]["ms"] > 0 and budgets["compression"]["ms"] > 0
+    variants = data["sections"]["videollm"]["by_frames"]["frames=32"]["variants"]
+    assert list(variants) == ["plain", "retake", "retake+temporal", "retake+adakv", "retake+both"]
+    assert variants["retake"]["ratio_to_anchor"] == 1.0 and variants["retake+adakv"]["ms"] > 0
 
 
 def test_missing_matplotlib_and_transformers_cost_only_what_needs_them(tmp_path):
