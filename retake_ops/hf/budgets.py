@@ -10,7 +10,8 @@ as the others (none at all included): every r_c = r, exactly.
 Layer budgets (RetakeConfig(layer_budgets="adakv")): once every layer has scored a chunk's n video
 tokens of a row with budget K, the top layers * K of all layers' scores are pooled (ties: the lower
 layer, then the lower token); c_l of them are layer l's, and layer l keeps a budget proportional to
-1 + c_l (budgets, below). Everything here is host-side arithmetic on a few numbers per chunk.
+1 + c_l (budgets, below). The pooling runs where the scores are; the rest is host-side arithmetic on a
+few numbers per chunk.
 """
 from __future__ import annotations
 
