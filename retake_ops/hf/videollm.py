@@ -116,7 +116,7 @@ class _ShortWorld:
         feats, extras = [], []  # video-token features in input order (row-major), and side features
         by_row = [[] for _ in range(batch)]
         self.frame_video = [[] for _ in range(batch)]  # per row, the video of each kept frame (by ordinal)
-        means = [[] for _ in videos]  # per video, each kept frame's mean feature over its tokens (fp32)
+        means, owners = [], []  # each kept frame's mean feature over its tokens (fp32), and its video
         for v, video in enumerate(videos):
             by_row[video.row].append(v)
         for b in range(batch):
@@ -161,10 +161,12 @@ class _ShortWorld:
                 pieces[b].append((source, FRAME_TOKEN, ordinal, pivots))
                 self._text(pieces[b], real[b], text.tokens_end, text.end, FRAME_TEXT, ordinal)
                 self.frame_video[b].append(v)
-                means[v].append(feats[-1].float().mean(0))
+                means.append(feats[-1].float().mean(0))
+                owners.append(v)
                 ordinal += 1
             self._text(pieces[b], real[b], cursor, length)
-        self.means = [torch.stack(m) if m else None for m in means]
+        host_means, owners = torch.stack(means).cpu().double(), torch.tensor(owners)  # one transfer for every video
+        self.means = [host_means[owners == v] for v in range(len(videos))]  # per video, float64 on the host
         self.lengths = [sum(p[0].numel() for p in row) for row in pieces]
         width = max(self.lengths)
         self.src = torch.full((batch, width), -1, dtype=torch.int64)
@@ -269,7 +271,7 @@ def _video_chunks(videos, world: _ShortWorld, schedule: _Schedule, ratios: list[
         chunk = [c for c, owner in zip(schedule.chunk_of[b], world.frame_video[b]) if owner == v]
         ids = sorted(set(chunk))
         starts = torch.tensor([chunk.index(c) for c in ids] + [len(chunk)], dtype=torch.int64)
-        means = world.means[v].cpu().double()
+        means = world.means[v]
         embeds = torch.stack([means[starts[i]:starts[i + 1]].mean(0) for i in range(len(ids))])
         novelty = chunk_novelty(embeds)
         if config.temporal_budgets:
