@@ -57,8 +57,8 @@ class Eviction:
     keep: torch.Tensor  # int64 [B]: evictable tokens each row keeps
     n_cand: torch.Tensor  # int64 [B]: evictable real tokens of each row
     evictable: torch.Tensor  # bool [B, C]: the evictable real tokens
+    protected_counts: tuple[int, ...]  # per row, on the host: the protected tokens
     pos_drop: torch.Tensor | None = None  # 1-D re-forging: int64 [B, C] positions each token moves down
-    protected_counts: tuple[int, ...] = ()  # per row, on the host: the protected tokens
 
     def to(self, device: torch.device) -> "Eviction":
         return replace(_moved(self, device), groups=[_moved(g, device) for g in self.groups])
@@ -164,7 +164,7 @@ def plan_step(valid: torch.Tensor, evictable: torch.Tensor, pivots: torch.Tensor
         before = cand.long().cumsum(1) - cand.long()
         pos_drop = (before - before * keep_t[:, None] // n_t.clamp(min=1)[:, None]).masked_fill(~valid, 0).to(device)
     plan.evict = Eviction(slots, protected.to(device), group_list, slot_valid.to(device), direct,
-                          keep_t.to(device), n_t.to(device), cand.to(device), pos_drop, tuple(n_prot))
+                          keep_t.to(device), n_t.to(device), cand.to(device), tuple(n_prot), pos_drop)
     return plan
 
 
