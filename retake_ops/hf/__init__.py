@@ -26,10 +26,11 @@ from .retake import (MODEL_TYPE_TO_APPLY_FN, RetakeConfig, RetakeHandle, apply_r
                      apply_retake_to_qwen2_vl, apply_retake_to_qwen3_5, apply_retake_to_qwen3_5_moe,
                      apply_retake_to_qwen3_vl, apply_retake_to_qwen3_vl_moe)
 from .videollm import RetakeReport, VideoReport  # noqa: E402
+from .memory import VideoMemory, load_memory  # noqa: E402
 
 __all__ = ["apply_retake", "RetakeConfig", "RetakeHandle", "RetakeReport", "VideoReport", "MODEL_TYPE_TO_APPLY_FN",
            "apply_retake_to_qwen2_vl", "apply_retake_to_qwen2_5_vl", "apply_retake_to_qwen3_vl",
            "apply_retake_to_qwen3_vl_moe", "apply_retake_to_qwen3_5", "apply_retake_to_qwen3_5_moe",
            "apply_retake_to_glm4v", "apply_retake_to_glm4v_moe", "apply_retake_to_glm46v", "apply_retake_to_internvl",
            "apply_retake_to_llava_onevision", "PivotKVCache", "PivotKVLayer", "chunked_prefill", "cache_arg",
-           "enable_pivotkv_attention", "disable_pivotkv_attention", "AttentionSwitch"]
+           "enable_pivotkv_attention", "disable_pivotkv_attention", "AttentionSwitch", "VideoMemory", "load_memory"]

@@ -247,6 +247,15 @@ def linear_states(layer) -> list[torch.Tensor]:
     return [t for states in (layer.conv_states, layer.recurrent_states) for t in states.values() if t is not None]
 
 
+def linear_repeat(layer, times: int) -> None:
+    """Each row of a linear-attention cache layer's states `times` times in a row (the layer has no batch
+    operations of its own in every supported transformers)."""
+    for states in (layer.conv_states, layer.recurrent_states):
+        for key, t in states.items():
+            if t is not None:
+                states[key] = t.repeat_interleave(times, 0)
+
+
 class linear_row:
     """Within the block, a linear-attention cache layer is row `row` of itself: its states are views of
     that row, which the layer's in-place updates write through."""

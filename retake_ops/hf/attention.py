@@ -44,6 +44,11 @@ class Step:
     heads: int | None = None  # the model's query heads, checked against every rank's when several processes run
     host_valid: torch.Tensor | None = None  # the plan's real chunk tokens on the host, for linear-attention layers
     pending: list = field(default_factory=list)  # layer budgets: (layer, placed plan, scores) awaiting evict_pooled
+    chunk: int = -1  # the id a ranked cache records for the tokens this forward's eviction keeps
+    # A plain forward's new tokens that are real (bool [B, q]), when padding sits among them (e.g. between a
+    # VideoMemory and the shorter questions of a batch): the cache holds the padding as masked slots and a
+    # linear-attention layer runs each row on its real tokens. None: every new token is real.
+    new_valid: torch.Tensor | None = None
 
 
 def _make_attention(name: str):
@@ -59,7 +64,7 @@ def _make_attention(name: str):
                 "PivotKVCache layer returned from update(); this model transforms them in between, which PivotKV "
                 "does not support")
         plan = None if step.plan is None else step.plan.on(key.device)
-        layer.set_new(None if plan is None else plan.valid, step.rope)
+        layer.set_new(step.new_valid if plan is None else plan.valid, step.rope)
         mask = layer.attention_mask(attention_mask, query.shape[-2], kwargs.get("sliding_window"),
                                     float_mask=name == "eager", dtype=query.dtype)
         out = base(module, query, key, value, mask, **kwargs)
@@ -89,6 +94,20 @@ def _default_positions(kwargs: dict, args: tuple, cache: PivotKVCache) -> torch.
     return torch.arange(start, start + tokens.shape[1], device=tokens.device)[None].expand(tokens.shape[0], -1)
 
 
+def _padding(kwargs: dict, args: tuple) -> torch.Tensor | None:
+    """bool [B, q]: which new tokens of a plain multi-token forward are real, from its 2-D attention mask, when
+    some are not; else None."""
+    mask = kwargs.get("attention_mask")
+    tokens = kwargs.get("inputs_embeds")
+    if tokens is None:
+        tokens = kwargs["input_ids"] if kwargs.get("input_ids") is not None else args[0]
+    q = tokens.shape[1]
+    if q < 2 or not isinstance(mask, torch.Tensor) or mask.dim() != 2:
+        return None
+    new = mask[:, -q:].bool()
+    return None if bool(new.all()) else new
+
+
 def _decoder_hook(module, args, kwargs):
     cache = _compat.cache_from_kwargs(kwargs)
     if not isinstance(cache, PivotKVCache):
@@ -97,6 +116,7 @@ def _decoder_hook(module, args, kwargs):
     step = kwargs.get(STEP_KWARG)
     if step is None:
         step = kwargs[STEP_KWARG] = Step(cache)
+        step.new_valid = _padding(kwargs, args)
     if cache.position_shift is None and cache.rope is None:
         return args, kwargs
     positions = kwargs.get("position_ids")

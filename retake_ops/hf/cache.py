@@ -62,6 +62,9 @@ class PivotKVLayer(DynamicLayer):
         self.length = 0  # held slots
         self.n_prev = 0  # held slots before the latest update
         self._k = self._v = self._pos = self._valid = self._rope = None
+        # A ranked cache (a bounded VideoMemory) also keeps, per slot, what its later re-compression ranks by:
+        # the prefill chunk that kept the token (-1: never evictable), its score then, whether it was a pivot.
+        self._chunk = self._score = self._pivot = None
         self.all_valid: bool | None = True  # cached valid.all(); None = unknown (saves a device sync)
         self.seen = False  # the attention function handled the latest update
 
@@ -77,7 +80,17 @@ class PivotKVLayer(DynamicLayer):
         if self.cache is not None and self.cache.rope is not None:
             self._rope = torch.empty(batch, capacity, self.cache.rope.components, dtype=torch.int64,
                                      device=key_states.device)
+        if self.cache is not None and self.cache.ranked:
+            self._chunk = torch.empty(batch, capacity, dtype=torch.int64, device=key_states.device)
+            self._score = torch.empty(batch, capacity, dtype=torch.float32, device=key_states.device)
+            self._pivot = torch.empty(batch, capacity, dtype=torch.bool, device=key_states.device)
         self._set_length(0)
+
+    SLOT_BUFFERS = ("_pos", "_valid", "_rope", "_chunk", "_score", "_pivot")  # per slot, the slot dim second
+
+    def slot_buffers(self) -> list[str]:
+        """The names of the per-slot buffers this layer has."""
+        return [name for name in self.SLOT_BUFFERS if getattr(self, name) is not None]
 
     def _set_length(self, n: int) -> None:
         self.length = n
@@ -99,9 +112,8 @@ class PivotKVLayer(DynamicLayer):
             return new
 
         self._k, self._v = grow(self._k, 2), grow(self._v, 2)
-        self._pos, self._valid = grow(self._pos, 1), grow(self._valid, 1)
-        if self._rope is not None:
-            self._rope = grow(self._rope, 1)
+        for name in self.slot_buffers():
+            setattr(self, name, grow(getattr(self, name), 1))
         self._set_length(n)
 
     @property
@@ -131,6 +143,10 @@ class PivotKVLayer(DynamicLayer):
         self._pos[:, n:n + q_len] = torch.arange(self.cumulative_length, self.cumulative_length + q_len,
                                                  device=self._pos.device)
         self._valid[:, n:n + q_len] = True
+        if self._chunk is not None:
+            self._chunk[:, n:n + q_len] = -1
+            self._score[:, n:n + q_len] = 0
+            self._pivot[:, n:n + q_len] = False
         self._set_length(n + q_len)
         self.cumulative_length += q_len
         self.seen = False
@@ -156,8 +172,41 @@ class PivotKVLayer(DynamicLayer):
         if self._rope is not None:
             parts = self._rope.shape[-1]
             self._rope[:, n_prev:n_prev + slots] = self._rope[:, new].gather(1, idx[..., None].expand(-1, -1, parts))
+        if self._chunk is not None:
+            for buf in (self._chunk, self._score, self._pivot):
+                buf[:, n_prev:n_prev + slots] = buf[:, new].gather(1, idx)
         self._set_length(n_prev + slots)
         self.cumulative_length -= drop
+        self.all_valid = None
+
+    def set_ranks(self, chunk: int, evictable: torch.Tensor, scores: torch.Tensor, pivots: torch.Tensor) -> None:
+        """A ranked layer's record of the latest update's evictable tokens (bool [B, C], the update's first C
+        slots) before they are compacted: their prefill chunk, fp32 scores and pivot flags ([B, C])."""
+        region = slice(self.n_prev, self.n_prev + evictable.shape[1])
+        self._chunk[:, region] = torch.where(evictable, chunk, self._chunk[:, region])
+        self._score[:, region] = torch.where(evictable, scores.float(), self._score[:, region])
+        self._pivot[:, region] = evictable & pivots
+
+    def retain(self, keep: torch.Tensor) -> None:
+        """Keep, of the held slots, those marked in bool [B, n] (ascending; a row keeping fewer fills the rest
+        with masked slots); the sequence length stays."""
+        n = self.length
+        count = keep.sum(1)
+        slots = int(count.max()) if n else 0
+        col = torch.arange(n, device=keep.device)
+        idx = torch.where(keep, col, col + n).sort(dim=1).values[:, :slots] % max(n, 1)
+        slot_valid = torch.arange(slots, device=keep.device)[None, :] < count[:, None]
+        heads_idx = idx[:, None, :, None]
+        self._k[:, :, :slots] = self.keys.gather(2, heads_idx.expand(-1, self._k.shape[1], -1, self._k.shape[3]))
+        self._v[:, :, :slots] = self.values.gather(2, heads_idx.expand(-1, self._v.shape[1], -1, self._v.shape[3]))
+        for name in self.slot_buffers():
+            buf = getattr(self, name)
+            held = buf[:, :n]
+            at = idx if held.dim() == 2 else idx[..., None].expand(-1, -1, held.shape[-1])
+            buf[:, :slots] = held.gather(1, at)
+        self._valid[:, :slots] &= slot_valid
+        self._pos[:, :slots] = self._pos[:, :slots].masked_fill(~slot_valid, -1)
+        self._set_length(slots)
         self.all_valid = None
 
     def set_rope(self, slots: slice, rope: torch.Tensor) -> None:
@@ -207,6 +256,7 @@ class PivotKVLayer(DynamicLayer):
         self.cumulative_length = 0
         self.length = self.n_prev = 0
         self._k = self._v = self._pos = self._valid = self._rope = None
+        self._chunk = self._score = self._pivot = None
         self.all_valid = True
 
     def crop(self, tokens_to_remove: int) -> None:
@@ -228,9 +278,8 @@ class PivotKVLayer(DynamicLayer):
     def _rows(self, index: torch.Tensor) -> None:
         n = self.length
         self._k, self._v = self._k[index], self._v[index]
-        self._pos, self._valid = self._pos[index], self._valid[index]
-        if self._rope is not None:
-            self._rope = self._rope[index]
+        for name in self.slot_buffers():
+            setattr(self, name, getattr(self, name)[index])
         self._set_length(n)
         self.all_valid = None
 
@@ -358,6 +407,8 @@ class PivotKVCache(DynamicCache):
         self.prefilling = False  # inside chunked_prefill / a ReTaKe prefill
         self.planned = False  # a planned prefill has filled this cache
         self._warned_unplanned = False
+        self.ranked = False  # layers record each evictable token's chunk, score and pivot flag (bounded memories)
+        self.chunks = 0  # prefill chunks evicted so far: the next one's id in a ranked layer
         super().__init__()
         self.layer_class_to_replicate = None
 
@@ -434,7 +485,7 @@ class PivotKVCache(DynamicCache):
         """Empty every layer and forget what the prefills left (position shifts, re-forging state)."""
         super().reset()
         self.position_shift = self.length_shift = self.rope = None
-        self.reserved = 0
+        self.reserved = self.chunks = 0
         self.planned = self.prefilling = self._warned_unplanned = False
 
     def reserve(self, slots: int) -> None:

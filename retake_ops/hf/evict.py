@@ -67,11 +67,26 @@ def _scores(groups, query, k_new, scale, tp) -> list[torch.Tensor]:
     return [token_scores(q, k, scale) for q, k in pairs]
 
 
-def _picks_across_ranks(groups, query, k_new, scale, force_pivots, tp):
-    """The same picks under tensor parallelism: every group's scores summed over the ranks in one
-    all_reduce, then pivot_kv_compress's selection; the layer gathers the kept rows itself."""
-    for g, scores in zip(groups, _scores(groups, query, k_new, scale, tp)):
-        yield g, select_tokens(scores, g.pivots, g.keep, force_pivots), None
+def _picks_from_scores(groups, scores, force_pivots):
+    """The same picks from scores already computed (under tensor parallelism summed over the ranks):
+    pivot_kv_compress's selection; the layer gathers the kept rows itself."""
+    for g, s in zip(groups, scores):
+        yield g, select_tokens(s, g.pivots, g.keep, force_pivots), None
+
+
+def _record_ranks(layer, ev, scores, chunk: int) -> None:
+    """A ranked layer notes each evictable token's chunk, score and pivot flag before the compaction."""
+    batch, width = ev.evictable.shape
+    dense = torch.zeros(batch, width, dtype=torch.float32, device=ev.evictable.device)
+    pivots = torch.zeros(batch, width, dtype=torch.bool, device=ev.evictable.device)
+    for g, s in zip(ev.groups, scores):
+        rows = torch.arange(batch, device=dense.device) if g.rows is None else g.rows
+        cols = g.cand if isinstance(g.cand, torch.Tensor) else \
+            torch.arange(g.cand.start, g.cand.stop, device=dense.device).expand(rows.shape[0], -1)
+        dense[rows[:, None], cols] = s.float()
+        if g.pivots is not None:
+            pivots[rows[:, None], cols] = g.pivots
+    layer.set_ranks(chunk, ev.evictable, dense, pivots)
 
 
 def _kept_columns(kept_mask: torch.Tensor, slots: int) -> torch.Tensor:
@@ -102,8 +117,13 @@ def evict(layer, plan: StepPlan, query: torch.Tensor, scale: float | None, step)
         return
     kept_mask = ev.protected.clone()
     kept_rows = idx = None
-    picks = (_picks(ev.groups, query, k_new, v_new, scale, cache.force_pivots) if tp is None
-             else _picks_across_ranks(ev.groups, query, k_new, scale, cache.force_pivots, tp))
+    if tp is None and not cache.ranked:
+        picks = _picks(ev.groups, query, k_new, v_new, scale, cache.force_pivots)
+    else:
+        scores = _scores(ev.groups, query, k_new, scale, tp)
+        if cache.ranked:
+            _record_ranks(layer, ev, scores, step.chunk)
+        picks = _picks_from_scores(ev.groups, scores, cache.force_pivots)
     for g, picked, kept in picks:
         cols = _at(g.cand, picked)
         if ev.direct:
@@ -158,6 +178,8 @@ def evict_pooled(step) -> torch.Tensor:
             else:
                 cand.scatter_(1, g.cand, picked)
             kept_mask[members] |= cand
+        if step.cache.ranked:
+            _record_ranks(layer, lev, scores, step.chunk)
         slots = int(held[:, i].max())
         slot_valid = torch.arange(slots, device=kept_mask.device)[None, :] < held_dev[:, i, None].to(kept_mask.device)
         layer.compact(_kept_columns(kept_mask, slots), slot_valid, placed.probe)

@@ -28,16 +28,19 @@ def _linear_forward(module, original, step_kwarg: str):
     def forward(*args, **kwargs):
         step = kwargs.pop(step_kwarg, None)
         plan = None if step is None else step.plan
-        if plan is None:
+        if plan is None and (step is None or step.new_valid is None):
             return original(*args, **kwargs)
         if "hidden_states" in kwargs:
             hidden = kwargs.pop("hidden_states")
         else:
             hidden, args = args[0], args[1:]
         layer = _compat.linear_cache(kwargs).layers[module.layer_idx]
-        plan = plan.on(hidden.device)
-        n = hidden.shape[1] - plan.probe
-        valid = plan.valid
+        if plan is None:  # a plain forward with padding among its tokens
+            valid, probe = step.new_valid.to(hidden.device), 0
+        else:
+            plan = plan.on(hidden.device)
+            valid, probe = plan.valid, plan.probe
+        n = hidden.shape[1] - probe
         if valid is not None and step.host_valid is None:  # read back once per forward, not per layer
             step.host_valid = valid[:, :n].cpu()
 
@@ -55,7 +58,7 @@ def _linear_forward(module, original, step_kwarg: str):
                 if cols.numel():
                     with _compat.linear_row(layer, row):
                         out[row, cols] = run(hidden[row:row + 1, cols])[0]
-        if not plan.probe:
+        if not probe:
             return out
         states = _compat.linear_states(layer)
         saved = [t.clone() for t in states]

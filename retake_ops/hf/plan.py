@@ -102,11 +102,13 @@ def _columns(mask: torch.Tensor) -> Columns:
 
 def plan_step(valid: torch.Tensor, evictable: torch.Tensor, pivots: torch.Tensor | None, ratio, *,
               force_pivots: bool, overflow: str, probe_valid: torch.Tensor | None = None, reforge_1d: bool = False,
-              device=None) -> StepPlan:
+              rank: bool = False, queries: torch.Tensor | None = None, device=None) -> StepPlan:
     """Plan one forward from host bool masks [B, C] (and probe_valid [B, P] for trailing probe tokens).
 
-    ratio: keep ratio, one float or one per row. Raises ValueError for pivot overflow with
-    overflow="raise". Index tensors of the plan live on `device`.
+    ratio: keep ratio, one float or one per row. rank: every evictable token is scored, also in rows
+    that keep them all (a ranked cache records the scores). queries: the real tokens whose queries
+    score the evictable ones (default: every real token; the probe's always score). Raises ValueError
+    for pivot overflow with overflow="raise". Index tensors of the plan live on `device`.
     """
     batch, length = valid.shape
     probe = 0 if probe_valid is None else probe_valid.shape[1]
@@ -131,14 +133,15 @@ def plan_step(valid: torch.Tensor, evictable: torch.Tensor, pivots: torch.Tensor
     plan = StepPlan(length + probe, probe, None if full_valid is None else full_valid.to(device), overflow=events,
                     device=device, kept=tuple(keep))
     slots = max(p + k for p, k in zip(n_prot, keep))
-    if all(k == n for k, n in zip(keep, n_cand)) and slots == length:
+    if all(k == n for k, n in zip(keep, n_cand)) and slots == length and not (rank and any(n_cand)):
         return plan  # nothing evicted: every column stays where it is
 
-    queries = valid if probe_valid is None else torch.cat([valid, probe_valid], 1)
+    queries = valid if queries is None else queries & valid
+    queries = queries if probe_valid is None else torch.cat([queries, probe_valid], 1)
     protected = prot.clone()
     groups: dict[tuple, list[int]] = {}
     for b in range(batch):
-        if keep[b] == n_cand[b]:
+        if keep[b] == n_cand[b] and not (rank and n_cand[b]):
             protected[b] |= cand[b]
         else:
             key = (int(queries[b].sum()), n_cand[b], keep[b], piv is not None and bool(piv[b].any()))

@@ -18,7 +18,7 @@ from .reforge import model_rope
 
 
 def run_planned(model, cache: PivotKVCache, plans: list[StepPlan], step_inputs, call, *, progress: bool = False,
-                desc: str = "prefill", names: list[str] | None = None):
+                desc: str = "prefill", names: list[str] | None = None, after=None):
     """Run one forward per plan: step_inputs(i) gives forward i's keyword arguments, call(i, kwargs)
     runs it. Switches the model's attention to PivotKV (it stays switched), reserves the cache's
     storage for the whole prefill, warns (or raises, with pivot_overflow="raise") about pivots
@@ -26,7 +26,8 @@ def run_planned(model, cache: PivotKVCache, plans: list[StepPlan], step_inputs, 
     A tensor-parallel model's process group is found here, once, and passed to every eviction
     (cache.tensor_parallel names it). names[i] names forward i in messages (default "chunk i").
     With layer budgets each forward's chunk is evicted once the forward is through every layer, and
-    its plan records what each layer kept (StepPlan.layer_kept). Returns the last forward's output."""
+    its plan records what each layer kept (StepPlan.layer_kept). after(i), when given, runs once forward
+    i's eviction is done. Returns the last forward's output."""
     names = names or [f"chunk {i}" for i in range(len(plans))]
     events = [(names[i], *e) for i, plan in enumerate(plans) for e in plan.overflow]
     if events:
@@ -51,17 +52,21 @@ def run_planned(model, cache: PivotKVCache, plans: list[StepPlan], step_inputs, 
     try:
         for i, plan in enumerate(tqdm(plans, desc=desc, unit="chunk", disable=not progress)):
             kwargs = step_inputs(i)
-            step = kwargs[STEP_KWARG] = Step(cache, plan, tp=tp, heads=heads)
+            step = kwargs[STEP_KWARG] = Step(cache, plan, tp=tp, heads=heads, chunk=cache.chunks)
             out = call(i, kwargs)
             _check_layers_reached(model, cache, i)
             if step.pending:
                 plan.layer_kept = evict_pooled(step)
+            if plan.evict is not None:
+                cache.chunks += 1
             ev = plan.evict
             if ev is not None and ev.pos_drop is not None:
                 shift = cache.shift_for(ev.keep.shape[0], ev.keep.device)
                 cache.position_shift = shift + (ev.n_cand - ev.keep).to(shift.device)
                 if cache.length_shift is not None:
                     cache.length_shift = cache.length_shift + (ev.n_cand - ev.keep).to(shift.device)
+            if after is not None:
+                after(i)
     finally:
         cache.prefilling = False
     return out

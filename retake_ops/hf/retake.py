@@ -22,8 +22,9 @@ from transformers.cache_utils import DynamicCache
 
 from ..checks import FLOAT_DTYPES, check_int, check_ratio
 from . import _compat, copies
-from .attention import disable_pivotkv_attention
+from .attention import disable_pivotkv_attention, enable_pivotkv_attention
 from .cache import PivotKVCache, check_layer_budgets, check_pivot_overflow
+from .memory import VideoMemory, model_config
 from .models import FAMILIES
 from .videollm import RetakeReport, retake_prefill
 
@@ -177,6 +178,7 @@ class RetakeHandle:
         self._checked = weakref.WeakSet()
         # (owner, attribute, previous or copies.ABSENT, the value the patch set)
         self._restore: list[tuple[object, str, object, object]] = []
+        self._originals = {}  # method name -> original(model), the method the patch replaced, bound to model
         self.active = False
 
     def _set(self, owner, name: str, value) -> None:
@@ -201,6 +203,7 @@ class RetakeHandle:
                 return types.MethodType(function, model)
 
         wrapped = make(original)
+        self._originals[name] = original
 
         # Once removed, a patched method that something else still holds (a wrapper installed after
         # the patch, e.g. accelerate's hooks) is the original again.
@@ -239,6 +242,8 @@ class RetakeHandle:
                     out, handle.report = retake_prefill(model, handle.family, handle.config, named, call)
                     handle.prefills += 1
                     return out
+                if isinstance(cache, VideoMemory) and cache.get_seq_length() == cache.input_ids.shape[1]:
+                    handle._continue(model, cache)  # the first call after the encoded prompt
                 return call(**named)
 
             # generate() reads forward's signature to choose what to pass: the patched one takes raw pixels.
@@ -248,10 +253,13 @@ class RetakeHandle:
         def make_generate(original):
             def generate(model, *args, **kwargs):
                 named = _named(generate_signature, (model, *args), kwargs)
+                cache = _compat.cache_from_kwargs(named)
+                if isinstance(cache, VideoMemory):
+                    ids = named.get("input_ids")
+                    handle._continue(model, cache, named.get("inputs") if ids is None else ids)
                 if not handle.family.has_video(named):
                     return original(model)(*args, **kwargs)
                 check_generate_options(model, generate_signature, named)
-                cache = _compat.cache_from_kwargs(named)
                 prefills = handle.prefills
                 out = original(model)(*args, **kwargs)
                 if handle.prefills == prefills and (cache is None or cache.get_seq_length() == 0):
@@ -299,6 +307,99 @@ class RetakeHandle:
         check_model(model, self.family, self.config)
         self._checked.add(model)
 
+    def _model(self, model, what: str):
+        """The model a call of `what` runs on: the patched instance, or a model of the patched class."""
+        if not self.active:
+            raise ValueError(f"RetakeHandle.{what}: the handle was removed; apply_retake again")
+        if self.instance:
+            if model is not None and model is not self.target:
+                raise ValueError(f"RetakeHandle.{what}: this handle patches one model instance; call it without "
+                                 "model= (or with that model)")
+            return self.target
+        if model is None or not isinstance(model, self.target):
+            raise ValueError(f"RetakeHandle.{what}: a class-level handle needs the model: {what}(model, ...), a "
+                             f"{self.target.__name__}; got {type(model).__name__ if model is not None else None}")
+        return model
+
+    def _encode_into(self, model, memory: VideoMemory, inputs: dict, what: str) -> None:
+        forward = self._originals["forward"](model)
+        named = _named(inspect.signature(forward), (), inputs)
+        if not self.family.has_video(named):
+            raise ValueError(f"RetakeHandle.{what}: got no video ({sorted(inputs)}); pass the processor's outputs "
+                             "for a prompt with a video")
+        if _compat.cache_from_kwargs(named) is not None:
+            raise ValueError(f"RetakeHandle.{what}: pass no cache; the memory is the cache")
+        check_prefill_call(model, named, None)
+        self._check(model)
+        self._models.add(model)
+        if "logits_to_keep" in inspect.signature(forward).parameters:
+            named.setdefault("logits_to_keep", 1)
+        _, self.report = retake_prefill(model, self.family, self.config, named, forward, memory=memory)
+        self.prefills += 1
+
+    def encode(self, model=None, /, **inputs) -> VideoMemory:
+        """The ReTaKe prefill of a prompt with a video, kept as a VideoMemory to answer questions on.
+
+            memory = handle.encode(**processor_outputs)     # the prompt ends after the video (or later)
+            out = model.generate(**memory.question_inputs([question_ids]), max_new_tokens=32)
+
+        inputs: the processor's outputs, as for generate(). model: only for a class-level patch. With
+        question_guided=True the chunks are scored with the text after the last video of this prompt.
+        """
+        model = self._model(model, "encode")
+        memory = VideoMemory(self.config, self.family.name, model.config.model_type)
+        memory.cache_name = _compat.cache_kwarg(model.forward)
+        memory.model_config = model_config(model)
+        self._encode_into(model, memory, inputs, "encode")
+        return memory
+
+    def extend(self, memory: VideoMemory, model=None, /, **inputs) -> VideoMemory:
+        """Append a segment (its processor outputs: its own prompt piece with its frames) to `memory`, in
+        place: DPSelect on the segment's video, chunked prefill and PivotKV continuing after the memory's
+        last position. With max_kv_tokens every row then holds at most that many video tokens per layer
+        (VideoMemory.bound). Returns the memory."""
+        model = self._model(model, "extend")
+        if not isinstance(memory, VideoMemory):
+            raise ValueError(f"RetakeHandle.extend: memory must be a VideoMemory (from encode or load_memory), got "
+                             f"{type(memory).__name__}")
+        self._check_memory(memory, "extend")
+        mine, theirs = dataclasses.replace(self.config, progress=False), dataclasses.replace(memory.config,
+                                                                                              progress=False)
+        if mine != theirs:
+            field = next(f.name for f in dataclasses.fields(mine) if getattr(mine, f.name) != getattr(theirs, f.name))
+            raise ValueError(f"RetakeHandle.extend: the memory was encoded with {field}="
+                             f"{getattr(theirs, field)!r}, the handle has {field}={getattr(mine, field)!r}; extend "
+                             "a memory under the config it was encoded with")
+        if memory.get_seq_length() != memory.input_ids.shape[1]:
+            raise ValueError(f"RetakeHandle.extend: the memory holds {memory.get_seq_length()} columns but its prompt "
+                             f"has {memory.input_ids.shape[1]}: it went on to answer a question. Extend the memory "
+                             "itself and answer on memory.copy()")
+        self._encode_into(model, memory, inputs, "extend")
+        return memory
+
+    def _check_memory(self, memory: VideoMemory, what: str) -> None:
+        if memory.family != self.family.name:
+            raise ValueError(f"{what}: the memory was encoded by a {memory.family} model; this handle patches "
+                             f"{self.family.name}")
+
+    def _continue(self, model, memory: VideoMemory, input_ids=None) -> None:
+        """Before a call continues on `memory`: the model's decoding state is the memory's."""
+        self._check_memory(memory, "apply_retake")
+        if input_ids is not None:
+            prompt = memory.input_ids
+            if input_ids.shape[0] != prompt.shape[0]:
+                raise ValueError(f"apply_retake: input_ids has {input_ids.shape[0]} rows but the VideoMemory "
+                                 f"{prompt.shape[0]}; build the batch with memory.question_inputs(questions) (or "
+                                 "memory.repeat(n))")
+            if input_ids.shape[1] < prompt.shape[1] or not torch.equal(input_ids[:, :prompt.shape[1]].cpu(), prompt):
+                raise ValueError("apply_retake: input_ids must begin with the ids of the prompt the VideoMemory "
+                                 "encoded (memory.input_ids), followed by the question's")
+        enable_pivotkv_attention(model)
+        self._models.add(model)
+        # The text after the prompt goes where the model puts it after the full prompt (memory.text_short, once
+        # the shift moves it down), as generate() on prompt and question at once would place it.
+        self.family.set_decoding_state(model, memory.text_short, memory.attention_mask.sum(1), memory.position_shift)
+
     def remove(self) -> None:
         """Restore the original forward, generate (and generation hook) and attention implementation (idempotent)."""
         if not self.active:
@@ -326,6 +427,12 @@ class RetakeHandle:
     def __repr__(self):
         state = "active" if self.active else "removed"
         return f"RetakeHandle({self.family.name}, {self._name()}, {state}, {self.config})"
+
+
+def handle_of(model) -> RetakeHandle | None:
+    """The active handle that patches `model` (its instance or its class), or None."""
+    handle = getattr(getattr(model, "forward", None), _MARK, None)
+    return handle if handle is not None and handle.active else None
 
 
 def check_model(model, family, config: RetakeConfig) -> None:

@@ -12,8 +12,11 @@
    are aligned so that a row's chunks hold the same frames as if it ran alone (shorter rows are
    padded in front, inside the sequence; padding is masked and never kept). After each video
    chunk every layer keeps, per row, keep_tokens(n, ratio) of its n video tokens (PivotKV,
-   pivots first); with question guidance the question's tokens run after the chunk as extra
-   scoring queries, at positions continuing right after everything fed so far, and are dropped.
+   pivots first), scored by the queries of the chunk's frames (text between two videos runs with
+   the next chunk but does not score it, so a video scores the same after any prompt text, as
+   when a VideoMemory grows by segments); with question guidance the question's tokens run after
+   the chunk as extra scoring queries, at positions continuing right after everything fed so far,
+   and are dropped.
    A hybrid decoder's linear-attention layers evict nothing: their recurrent state carries every
    kept frame from chunk to chunk (retake_ops.hf.linear), and the probe never advances it.
 5. The cache then speaks the input's columns (so generate() and plain calls continue on the
@@ -296,9 +299,33 @@ def _gather_cols(x: torch.Tensor, cols: torch.Tensor, dim: int) -> torch.Tensor:
     return out * valid.view(shape).to(out.dtype) if out.is_floating_point() else out.masked_fill(~valid.view(shape), 0)
 
 
+def _next_positions(positions: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
+    """int64 [B] on the host: one past the largest position of each row's real tokens (positions [B, L] or
+    [3, B, L]; real bool [B, L] on the host): what the model's rope_deltas count from."""
+    top = positions.cpu()
+    top = top.amax(0) if top.dim() == 3 else top
+    return torch.where(real, top, torch.iinfo(top.dtype).min).amax(1) + 1
+
+
+def _text_position(family, model, ids: torch.Tensor, mask: torch.Tensor, extra: dict, given: bool) -> torch.Tensor:
+    """int64 [B] on the host: the position the model's own positions give a text token appended to each row,
+    where the text after this input goes (Qwen2.5-VL, for one, starts it below the video's largest temporal
+    position)."""
+    text = 1 if family.video_tokens(model, torch.zeros(1, 1, dtype=ids.dtype)).any() else 0
+    more_ids = torch.cat([ids, torch.full_like(ids[:, :1], text)], 1)
+    more_mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
+    positions = family.positions(model, more_ids, more_mask, extra, given)
+    return (positions[0] if positions.dim() == 3 else positions)[:, -1].cpu()
+
+
 @torch.no_grad()
-def retake_prefill(model, family, config, kwargs: dict, forward):
-    """Run the ReTaKe prefill for one forward call of a VideoLLM; returns (model output, report)."""
+def retake_prefill(model, family, config, kwargs: dict, forward, memory=None):
+    """Run the ReTaKe prefill for one forward call of a VideoLLM; returns (model output, report).
+
+    memory: a VideoMemory (retake_ops.hf.memory) to fill, or to extend when it already holds a prompt:
+    the call's tokens then follow it, in the cache's columns, in the positions and in the masks. Its
+    positions are generate()'s (the attention mask's), and with max_kv_tokens an extension holds every
+    row to the budget after each chunk (VideoMemory.bound)."""
     started = time.perf_counter()
     family.check_inputs(model, kwargs)
     ids = kwargs["input_ids"]
@@ -312,10 +339,17 @@ def retake_prefill(model, family, config, kwargs: dict, forward):
     world = _ShortWorld(model, kwargs, videos, selection, config.per_patch)
     kept = [sel[0] for sel in selection]
     short_extra = family.short_inputs(model, kwargs, world.ids, world.mask, kept)
-    given = kwargs.get("position_ids") is not None
+    given = memory is not None or kwargs.get("position_ids") is not None
     positions = family.positions(model, world.ids, world.mask, short_extra, given)
     full_extra = family.full_inputs(kwargs)
     full_positions = family.positions(model, ids, mask, full_extra, given)
+    text_short = _text_position(family, model, world.ids, world.mask, short_extra, given)
+    text_full = _text_position(family, model, ids, mask, full_extra, given)
+    past = 0 if memory is None else memory.get_seq_length()
+    if past:  # the model's positions are the same from any start: this prompt's continue the memory's text
+        positions = positions + memory.text_short.to(positions.device)[:, None]
+        full_positions = full_positions + memory.text_full.to(full_positions.device)[:, None]
+        text_short, text_full = text_short + memory.text_short, text_full + memory.text_full
     schedule = _Schedule(world, max(1, config.chunk_frames // family.frames_per_group(model)),
                          config.temporal_budgets)
 
@@ -327,9 +361,13 @@ def retake_prefill(model, family, config, kwargs: dict, forward):
     chunks = _video_chunks(videos, world, schedule, ratios, config)
     chunk_ratio = {(videos[v].row, c): r for v, (ids, _, _, rs) in enumerate(chunks) for c, r in zip(ids, rs.tolist())}
     reforge_1d = config.reforge_positions and not _compat.is_mrope(model)
-    cache = PivotKVCache(keep_ratio=min(ratios) if ratios else 1.0, force_pivots=config.force_pivots,
-                         reforge_positions=config.reforge_positions, pivot_overflow=config.pivot_overflow,
-                         layer_budgets=config.layer_budgets)
+    if memory is None:
+        cache = PivotKVCache(keep_ratio=min(ratios) if ratios else 1.0, force_pivots=config.force_pivots,
+                             reforge_positions=config.reforge_positions, pivot_overflow=config.pivot_overflow,
+                             layer_budgets=config.layer_budgets)
+    else:
+        cache = memory
+        memory.start_prefill()
     top = host_pos.amax(0) if host_pos.dim() == 3 else host_pos
     aligned_top = torch.where(amap >= 0, top.gather(1, amap.clamp(min=0)), torch.iinfo(top.dtype).min)
     reach = aligned_top.cummax(1).values  # per aligned column: the largest position fed so far
@@ -346,13 +384,15 @@ def retake_prefill(model, family, config, kwargs: dict, forward):
             [chunk_ratio.get((b, c), r) for b, (c, r) in enumerate(zip(ids_of_rows, ratios))]
         plans.append(plan_step(valid, evictable, pivots, step_ratios, force_pivots=config.force_pivots,
                                overflow=config.pivot_overflow, probe_valid=q_valid if (guided and is_chunk) else None,
-                               reforge_1d=reforge_1d, device=ids.device))
+                               reforge_1d=reforge_1d, rank=cache.ranked, queries=kind != TEXT, device=ids.device))
 
     device = ids.device
     amap_dev = amap.to(device)
     question = schedule.question.to(device)
     q_mask = q_valid.long().to(device)
     real = (amap_dev >= 0).long()  # the attention mask of every column fed so far: chunk i uses a prefix
+    if past:
+        real = torch.cat([memory.attention_mask.to(device), real], 1)
     if guided:  # the probe's embeddings and visual flags, the same after every chunk
         q_embeds = _gather_cols(world.embeds, question, 1)
         q_visual = torch.zeros_like(q_valid, device=device)
@@ -368,7 +408,7 @@ def retake_prefill(model, family, config, kwargs: dict, forward):
         cols = amap_dev[:, a0:a1]
         embeds = _gather_cols(world.embeds, cols, 1)
         pos = _gather_cols(positions, cols, positions.dim() - 1)
-        attn = real[:, :a1]
+        attn = real[:, :past + a1]
         visual = world.vid.gather(1, cols.clamp(min=0)) & (cols >= 0)
         if plans[i].probe:
             start = reach_dev[:, a1 - 1:a1] + 1
@@ -398,18 +438,26 @@ def retake_prefill(model, family, config, kwargs: dict, forward):
 
     chunk_ids = iter(range(len(plans)))
     names = [f"video chunk {next(chunk_ids)}" if is_chunk else "text" for is_chunk in schedule.is_chunk]
+    bound = memory.bound if memory is not None and past and config.max_kv_tokens is not None else None
     out = run_planned(model, cache, plans, step_inputs, call, progress=config.progress, desc="ReTaKe prefill",
-                      names=names)
+                      names=names, after=None if bound is None else lambda i: bound())
 
-    columns = torch.where(amap >= 0, world.src.gather(1, amap.clamp(min=0)), -1)
+    columns = torch.where(amap >= 0, world.src.gather(1, amap.clamp(min=0)) + past, -1)
+    if past:
+        columns = torch.cat([torch.arange(past).expand(batch, -1), columns], 1)
     for layer in cache.kv_layers:
-        layer.rebase(columns, length)
-    full_last = (full_positions[0] if full_positions.dim() == 3 else full_positions)[:, -1]
-    short_last = (positions[0] if positions.dim() == 3 else positions)[:, -1]
+        layer.rebase(columns, past + length)
+    next_short = _next_positions(positions, world.real)
+    if past:
+        next_short = torch.maximum(next_short, memory.next_short)
+    short_width = world.ids.shape[1] + (0 if memory is None else memory.short_width)
     reforged = cache.shift_for(batch, device)
-    cache.position_shift = reforged + (full_last - short_last).to(reforged.device)
-    cache.length_shift = reforged + (length - world.ids.shape[1])  # a decoder counts the input's columns
-    family.set_decoding_state(model, world.ids, world.mask, short_extra, mask, cache.position_shift)
+    cache.position_shift = reforged + (text_full - text_short).to(reforged.device)
+    cache.length_shift = reforged + (past + length - short_width)  # a decoder counts the input's columns
+    full_real = mask.sum(1).cpu() + (memory.attention_mask.sum(1) if past else 0)
+    family.set_decoding_state(model, next_short, full_real, cache.position_shift)
+    if memory is not None:
+        memory.record(ids, mask, next_short, text_short, text_full, short_width)
 
     step_of = {(b, c): s for s, ids_of_rows in enumerate(schedule.chunk_ids) if ids_of_rows is not None
                for b, c in enumerate(ids_of_rows) if c >= 0}
@@ -431,5 +479,9 @@ def retake_prefill(model, family, config, kwargs: dict, forward):
             else idx.numel() * video.tokens_per_frame, kv_keep_ratio=ratios[row], chunk_starts=starts,
             chunk_novelty=novelty, chunk_ratios=chunk_r,
             layer_kept=torch.stack([layer_kept(row, c) for c in ids_v]).to(torch.int64)))
-    held = [layer.positions.cpu() if isinstance(layer, PivotKVLayer) else None for layer in cache.layers]
-    return out, RetakeReport(reports, held, time.perf_counter() - started, cache.tensor_parallel)
+    # copies: the layers' positions change in place when a memory is extended or bounded
+    held = [layer.positions.to("cpu", copy=True) if isinstance(layer, PivotKVLayer) else None for layer in cache.layers]
+    report = RetakeReport(reports, held, time.perf_counter() - started, cache.tensor_parallel)
+    if memory is not None:
+        memory.reports.append(report)
+    return out, report

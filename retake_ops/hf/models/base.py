@@ -112,10 +112,11 @@ class VideoFamily:
             return _compat.generate_positions(mask)
         return torch.arange(ids.shape[1], device=ids.device).expand(ids.shape[0], -1)
 
-    def set_decoding_state(self, model, short_ids, short_mask, short_extra, full_mask, shift) -> None:
+    def set_decoding_state(self, model, next_short, full_real, shift) -> None:
         """Leave the model's own decoding state (e.g. Qwen's rope_deltas) so that a later call on the full
         input's cache that lets the model derive its positions lands, after the cache's position shift
-        (int64 [B]), where the unpatched model would continue on the short input."""
+        (int64 [B]), where the unpatched model would continue on the short input: at next_short (int64 [B],
+        one past the short input's largest position). full_real (int64 [B]): the full input's real tokens."""
 
     def expand_videos(self, model, input_ids: torch.Tensor, videos: dict, expand_size: int) -> dict:
         """The video inputs for input rows repeated expand_size times each (beams, several returned

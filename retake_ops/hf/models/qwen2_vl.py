@@ -113,11 +113,12 @@ class Qwen2VLFamily(VideoFamily):
     def positions(self, model, ids, mask, extra, given):
         return _compat.rope_index(model, ids, mask, self.video_tokens(model, ids), extra)[0]
 
-    def set_decoding_state(self, model, short_ids, short_mask, short_extra, full_mask, shift) -> None:
-        # The model continues at (real tokens so far) + rope_deltas; the full input has more real tokens.
-        deltas = _compat.rope_index(model, short_ids, short_mask, self.video_tokens(model, short_ids), short_extra)[1]
-        extra_tokens = (full_mask.sum(1) - short_mask.sum(1)).to(deltas.device)[:, None]
-        _compat.set_rope_deltas(model, deltas + shift.to(deltas.device)[:, None] - extra_tokens)
+    def set_decoding_state(self, model, next_short, full_real, shift) -> None:
+        # The model continues at (real tokens of the full input so far) + rope_deltas, and the cache's shift
+        # then moves it down to next_short.
+        device = shift.device
+        deltas = next_short.to(device) - full_real.to(device) + shift
+        _compat.set_rope_deltas(model, deltas[:, None])
 
     def videos_per_row(self, model, input_ids: torch.Tensor, grids: torch.Tensor) -> list[int]:
         """How many videos each input row holds, in the order the grids list them."""
