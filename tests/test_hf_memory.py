@@ -247,10 +247,11 @@ def concatenated(parts):
 @pytest.mark.parametrize("force_pivots", [False, True])
 @pytest.mark.parametrize("family", MULTI_VIDEO)
 def test_extending_segment_by_segment_equals_encoding_them_at_once(family, force_pivots):
-    """Segments of 4 temporal groups keep 2 (frame_keep_ratio 0.5), one chunk of 2 groups each: extending
-    equals encoding the concatenated prompt, kept tokens exactly."""
+    """Segments of 8 temporal groups keep 4 (frame_keep_ratio 0.5), two chunks of 2 groups each: extending
+    equals encoding the concatenated prompt, kept tokens exactly. (Qwen2.5-VL's text after such a video
+    starts below the video's largest temporal position: the next segment starts where the text does.)"""
     model = build(family, "sdpa")
-    parts = [segment(family, s) for s in range(3)]
+    parts = [segment(family, s, groups=8) for s in range(3)]
     config = dict(REUSE, force_pivots=force_pivots, chunk_frames=4)
     with apply_retake(model, **config) as handle:
         at_once = handle.encode(**concatenated(parts))
@@ -322,6 +323,10 @@ def test_a_bounded_stream_applies_the_rule_and_never_exceeds_the_budget(monkeypa
     monkeypatch.setattr("retake_ops.hf.memory.bound_keep", recorded)
     with apply_retake(model, **dict(REUSE, kv_keep_ratio=None, max_kv_tokens=limit, frame_keep_ratio=1.0)) as handle:
         memory = handle.encode(**segment("qwen2_vl", 0))
+        chunks = memory.reports[0].videos[0].chunk_starts.numel() - 1
+        layer = memory.kv_layers[0]
+        ids = layer._chunk[:, :layer.length][layer.valid & (layer._chunk[:, :layer.length] >= 0)]
+        assert ids.unique().tolist() == list(range(chunks))  # each video token knows its chunk
         video = []
         for s in range(1, 50):
             handle.extend(memory, **segment("qwen2_vl", s))
