@@ -47,7 +47,7 @@ WORKER = pathlib.Path(__file__).with_name("tp_worker.py")
 RETAKE = [f"{family}_retake" for family in VIDEOLLMS]
 # AdaReTaKe's layer budgets pool every layer's all-reduced scores: (scores [layers, rows, n], keep) per pooling.
 POOLED = ["llama_pivotkv_adakv", f"{ADA_FAMILY}_retake_ada"]
-CASES = ["llama", "llama_pivotkv", "llama_pivotkv_unforced", *VIDEOLLMS, *RETAKE, *POOLED]
+CASES = ["llama", "llama_pivotkv", "llama_pivotkv_unforced", *VIDEOLLMS, *RETAKE, *POOLED, f"{ADA_FAMILY}_memory"]
 COMPRESSED = ["llama_pivotkv", "llama_pivotkv_unforced", *RETAKE, *POOLED]
 # Selections (or poolings) per case: 2 layers x 5 evictions (Llama: chunks; VideoLLMs: chunks' row groups);
 # pooled, one per Llama chunk, and one per row group of each VideoLLM chunk: 6 and 4 one-group chunks, the

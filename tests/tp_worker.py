@@ -154,6 +154,17 @@ def retake(family, model, config=RETAKE):
                 seen=inputs["attention_mask"].sum(1) - torch.tensor([v.tokens - v.kept_tokens for v in report.videos]))
 
 
+def memory(family, model):
+    """A bounded VideoMemory grown by a segment, then one question per row on it: its ranked scores are the
+    all-reduced ones, so every rank re-compresses the memory alike."""
+    from retake_ops.hf import apply_retake
+
+    with apply_retake(model, **dict(RETAKE, kv_keep_ratio=None, max_kv_tokens=10)) as handle:
+        memory = handle.encode(**videollm_inputs(family))
+        handle.extend(memory, **videollm_inputs(family))
+        return greedy(model, **memory.question_inputs([[27, 28], [29, 30, 31]]))
+
+
 def run_cases(llama, videollms):
     """Every case, with and without PivotKV / ReTaKe; transformers' deprecations are errors."""
     with warnings.catch_warnings():
@@ -169,6 +180,7 @@ def run_cases(llama, videollms):
                 cases[family] = greedy(model, **videollm_inputs(family))
                 cases[f"{family}_retake"] = retake(family, model)
             cases[f"{ADA_FAMILY}_retake_ada"] = retake(ADA_FAMILY, videollms[ADA_FAMILY], ADA)
+            cases[f"{ADA_FAMILY}_memory"] = memory(ADA_FAMILY, videollms[ADA_FAMILY])
             return cases
 
 
