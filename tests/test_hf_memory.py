@@ -134,6 +134,8 @@ def test_generate_by_hand_on_a_copy_and_inputs_that_do_not_fit_are_refused():
             model.generate(input_ids=torch.tensor([QUESTION]), **{memory.cache_name: memory.copy()})
         with pytest.raises(ValueError, match="input_ids has 2 rows but the VideoMemory 1"):
             model.generate(input_ids=ids.repeat(2, 1), **{memory.cache_name: memory.copy()})
+        with pytest.raises(ValueError, match="got video inputs with a VideoMemory"):
+            model.generate(**prompt_inputs("qwen2_vl", question=QUESTION), **{memory.cache_name: memory.copy()})
         with pytest.raises(ValueError, match=r"questions\[1\] is empty"):
             memory.question_inputs([QUESTION, []])
         two = memory.repeat(2)

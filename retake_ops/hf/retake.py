@@ -243,7 +243,7 @@ class RetakeHandle:
                     handle.prefills += 1
                     return out
                 if isinstance(cache, VideoMemory) and cache.get_seq_length() == cache.input_ids.shape[1]:
-                    handle._continue(model, cache)  # the first call after the encoded prompt
+                    handle._continue(model, cache, named)  # the first call after the encoded prompt
                 return call(**named)
 
             # generate() reads forward's signature to choose what to pass: the patched one takes raw pixels.
@@ -256,7 +256,7 @@ class RetakeHandle:
                 cache = _compat.cache_from_kwargs(named)
                 if isinstance(cache, VideoMemory):
                     ids = named.get("input_ids")
-                    handle._continue(model, cache, named.get("inputs") if ids is None else ids)
+                    handle._continue(model, cache, named, named.get("inputs") if ids is None else ids)
                 if not handle.family.has_video(named):
                     return original(model)(*args, **kwargs)
                 check_generate_options(model, generate_signature, named)
@@ -382,9 +382,13 @@ class RetakeHandle:
             raise ValueError(f"{what}: the memory was encoded by a {memory.family} model; this handle patches "
                              f"{self.family.name}")
 
-    def _continue(self, model, memory: VideoMemory, input_ids=None) -> None:
+    def _continue(self, model, memory: VideoMemory, named: dict, input_ids=None) -> None:
         """Before a call continues on `memory`: the model's decoding state is the memory's."""
         self._check_memory(memory, "apply_retake")
+        if self.family.has_video(named):
+            raise ValueError("apply_retake: got video inputs with a VideoMemory, which holds its video already; "
+                             "pass the prompt's and the question's ids without pixel inputs (memory.question_inputs), "
+                             "or grow the memory with handle.extend(memory, **segment)")
         if input_ids is not None:
             prompt = memory.input_ids
             if input_ids.shape[0] != prompt.shape[0]:
