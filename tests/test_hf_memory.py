@@ -16,7 +16,7 @@ import torch
 
 from retake_ops.hf import RetakeConfig, VideoMemory, apply_retake, apply_retake_to_qwen2_vl, load_memory
 from retake_ops.hf.memory import FORMAT_VERSION, bound_keep
-from videollm_tiny import BUILDERS, HYBRID_FAMILIES, QWEN, build, make_inputs, make_videos
+from videollm_tiny import BUILDERS, HYBRID_FAMILIES, build, make_inputs, make_videos
 
 pytestmark = [pytest.mark.filterwarnings("error::FutureWarning", "error::DeprecationWarning"),
               pytest.mark.filterwarnings("ignore:PivotKV. pivot tokens outnumber"), pytest.mark.usefixtures("no_grad")]

@@ -352,9 +352,6 @@ def _unpack(packed, tensors, device):
     return value
 
 
-_LINEAR_SKIP = ("cache",)
-
-
 def _pack_layer(layer, key: str, tensors: dict):
     if isinstance(layer, PivotKVLayer):
         state = {"kind": "pivotkv", "layer_idx": layer.layer_idx, "cumulative_length": layer.cumulative_length,
@@ -365,8 +362,7 @@ def _pack_layer(layer, key: str, tensors: dict):
             buffers.update({name: getattr(layer, name)[:, :n] for name in layer.slot_buffers()})
             state["buffers"] = _pack(buffers, key, tensors)
         return state
-    return {"kind": "linear", "state": _pack({k: v for k, v in vars(layer).items() if k not in _LINEAR_SKIP},
-                                             key, tensors)}
+    return {"kind": "linear", "state": _pack(vars(layer), key, tensors)}  # transformers' own layer: all of it
 
 
 def _report_dict(report: RetakeReport) -> dict:
@@ -397,7 +393,6 @@ def load_memory(path: str | os.PathLike, model) -> VideoMemory:
     """
     from safetensors import safe_open
 
-    from .models import FAMILIES
     from .reforge import model_rope
     from .retake import RetakeConfig, handle_of
 
@@ -443,7 +438,6 @@ def load_memory(path: str | os.PathLike, model) -> VideoMemory:
     memory.planned = True
     if config.reforge_positions:
         memory.rope = model_rope(model)
-    FAMILIES[memory.family]  # a family this retake-ops knows
     return memory
 
 
