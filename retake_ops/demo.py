@@ -10,10 +10,14 @@ VideoLLM: the video goes through a Qwen2-VL (by default a tiny one with random w
 from a config: no download, and its answers are random tokens) twice, as is and with
 retake_ops.hf.apply_retake (DPSelect on the model's own frame features, chunked prefill with
 PivotKV); the demo prints the frames kept, the keyframes, the KV tokens each layer holds,
-prefill time and peak memory of both runs, and plots them. A third prefill adds AdaReTaKe's budgets
-to the same config (temporal_budgets=True, layer_budgets="adakv"); the demo prints the range of the
-chunks' keep ratios and novelty and of the layers' budgets, and plots them. `--family` runs a much
-smaller model of that family instead (2 layers of width 64, 8 x 8 pixel frames: the one the tests run).
+prefill time and peak memory of both runs, and plots them. The ReTaKe run also encodes the video
+once (RetakeHandle.encode of the prompt up to the end of the video: a VideoMemory) and asks it two
+questions (a checkpoint's tokenizer: --question and SECOND_QUESTION; a tiny model: fixed token ids),
+each answer timed against a fresh ReTaKe generate() of the prompt and that question. A third prefill
+adds AdaReTaKe's budgets to the same config (temporal_budgets=True, layer_budgets="adakv"); the demo
+prints the range of the chunks' keep ratios and novelty and of the layers' budgets, and plots them.
+`--family` runs a much smaller model of that family instead (2 layers of width 64, 8 x 8 pixel
+frames: the one the tests run).
 
 DPSelect: frames become features by a fixed random projection of pixel patches (a
 stand-in for a vision encoder), then retake_ops.dpselect keeps `--keep` of the frames,
@@ -181,15 +185,24 @@ def load_videollm(folder: str | None, family: str | None):
     return model, f"{model_type} from {folder}"
 
 
-def videollm_inputs(model, folder, family, video, question):
-    """Processor-shaped inputs: the checkpoint's tokenizer and normalization when it has them."""
+SECOND_QUESTION = "What happens at the end of the video?"  # asked of the memory after --question
+TINY_QUESTIONS = ([20, 21, 22, 23], [24, 25, 26])  # the two questions' ids in a tiny model's vocabulary
+
+
+def videollm_prompt(model, folder, family, video, questions):
+    """(make, asked): make(ids) is the processor-shaped input of the prompt, the video and the text `ids` after it
+    (make([]) ends right after the video: the prompt RetakeHandle.encode takes), with the checkpoint's tokenizer
+    and normalization when it has them; asked are the token ids of each of the (two) `questions`, tokenized by
+    the checkpoint's tokenizer, or else the tiny vocabulary's TINY_QUESTIONS."""
     import json
 
     from .hf import tiny
 
+    asked = [list(ids) for ids in TINY_QUESTIONS[:len(questions)]]
     if family is not None:
-        return tiny.make_inputs(family, [tiny.video_frames(model, video)])
-    mean, std, prompt, asked = tiny.CLIP_MEAN, tiny.CLIP_STD, [5, 6, 7], [20, 21, 22, 23]
+        frames = tiny.video_frames(model, video)
+        return (lambda ids: tiny.make_inputs(family, [frames], questions=[list(ids)])), asked
+    mean, std, prompt = tiny.CLIP_MEAN, tiny.CLIP_STD, [5, 6, 7]
     if folder is not None:
         config = pathlib.Path(folder) / "preprocessor_config.json"
         if config.exists():
@@ -200,10 +213,63 @@ def videollm_inputs(model, folder, family, video, question):
 
             tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
             prompt = tokenizer("<|im_start|>user\n")["input_ids"]
-            asked = tokenizer(f"{question}<|im_end|>\n<|im_start|>assistant\n")["input_ids"]
+            asked = [tokenizer(f"{q}<|im_end|>\n<|im_start|>assistant\n")["input_ids"] for q in questions]
     patch = model.config.vision_config.patch_size * model.config.vision_config.spatial_merge_size
     size = max(patch, round(112 / patch) * patch)
-    return tiny.video_inputs(model, [video], [prompt], [asked], size=size, mean=mean, std=std)
+
+    def make(ids):
+        return tiny.video_inputs(model, [video], [prompt], [list(ids)], size=size, mean=mean, std=std)
+
+    return make, asked
+
+
+def _timed(fn, device):
+    """(fn(), its wall-clock seconds, the device's queued work included)."""
+    import time
+
+    def sync():
+        if torch.device(device).type == "cuda":
+            torch.cuda.synchronize(device)
+
+    sync()
+    start = time.perf_counter()
+    out = fn()
+    sync()
+    return out, time.perf_counter() - start
+
+
+def ask_memory(model, handle, make, asked, max_new_tokens, first):
+    """Encode the video once (handle.encode of make([]), the prompt ending after the video), then answer each
+    question of `asked` on the memory and by a fresh ReTaKe generate() of the prompt and the question (the
+    same patch and max_new_tokens), each the faster of two runs. first: (answer, seconds) of one fresh
+    generate() of question 1, already run. Returns the encode's seconds, the memory's bytes and, per question,
+    both answers and times."""
+    generate = dict(max_new_tokens=max_new_tokens, do_sample=False)
+    encode_inputs = make([])
+    device = encode_inputs["input_ids"].device
+    memory, encode_seconds = _timed(lambda: handle.encode(**encode_inputs), device)
+
+    def best_of_two(inputs, done=None):
+        runs = [done] if done is not None else []
+        while len(runs) < 2:
+            # question_inputs copies the memory for each answer: the memory stays as encoded
+            batch = inputs() if callable(inputs) else inputs
+            tokens, seconds = _timed(lambda: model.generate(**batch, **generate), device)
+            runs.append((tokens[0, batch["input_ids"].shape[1]:].tolist(), seconds))
+        return runs[0][0], min(seconds for _, seconds in runs)
+
+    questions = []
+    for i, ids in enumerate(asked):
+        fresh, fresh_seconds = best_of_two(make(ids), first if i == 0 else None)
+        answer, seconds = best_of_two(lambda: memory.question_inputs([ids]))
+        questions.append({"ids": list(ids), "memory_seconds": seconds, "fresh_seconds": fresh_seconds,
+                          "memory_answer": answer, "fresh_answer": fresh})
+    return {"encode_seconds": encode_seconds, "bytes": memory.nbytes(), "questions": questions}
+
+
+def _speedup(fresh, memory):
+    ratio = fresh / memory
+    return f"{ratio:.0f}x" if ratio >= 10 else f"{ratio:.1f}x"
 
 
 def videollm_stage(args, video, out):
@@ -216,7 +282,8 @@ def videollm_stage(args, video, out):
     from .hf import RetakeConfig, apply_retake
 
     model, note = load_videollm(args.model, args.family)
-    inputs = videollm_inputs(model, args.model, args.family, video, args.question)
+    make, asked = videollm_prompt(model, args.model, args.family, video, [args.question, SECOND_QUESTION])
+    inputs = make(asked[0])
     tps = getattr(model.config.vision_config, "temporal_patch_size", 1)  # LLaVA-OneVision: a frame each
     config = RetakeConfig(frame_keep_ratio=args.frame_keep, kv_keep_ratio=args.kv_keep, chunk_frames=args.chunk_frames,
                           window=args.window)
@@ -231,14 +298,18 @@ def videollm_stage(args, video, out):
                     start = time.perf_counter()
                     model(**inputs, logits_to_keep=1)
                     seconds = min(seconds, time.perf_counter() - start)
-                _, peak = peak_bytes(lambda: model(**inputs, logits_to_keep=1), inputs["input_ids"].device)
-                tokens = model.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=False)
+                device = inputs["input_ids"].device
+                _, peak = peak_bytes(lambda: model(**inputs, logits_to_keep=1), device)
+                tokens, generate_seconds = _timed(
+                    lambda: model.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=False), device)
+                answer = tokens[0, inputs["input_ids"].shape[1]:].tolist()
                 report = handle.report if handle is not None else None
+                if handle is not None:  # the video encoded once, then asked both questions
+                    memory = ask_memory(model, handle, make, asked, args.max_new_tokens, (answer, generate_seconds))
             finally:
                 if handle is not None:
                     handle.remove()
-            runs[name] = dict(seconds=seconds, peak=peak, report=report,
-                              answer=tokens[0, inputs["input_ids"].shape[1]:].tolist())
+            runs[name] = dict(seconds=seconds, peak=peak, report=report, answer=answer)
         # The budgets change only what the prefill keeps, so one untimed prefill is enough to report them.
         with apply_retake(model, dataclasses.replace(config, temporal_budgets=True, layer_budgets="adakv")) as handle:
             model(**inputs, logits_to_keep=1)
@@ -247,20 +318,27 @@ def videollm_stage(args, video, out):
     report = runs["retake"]["report"]
     v = report.videos[0]
     grid_t, video_tokens = v.frames, v.tokens
-    held = [int(h[0]) for h in report.held_tokens() if h is not None]  # a hybrid's compressed layers only
+    layers, held = held_per_layer(report)
     kept_groups, key_groups = v.kept_frames.tolist(), v.keyframes.tolist()
     print(f"  video: {video.shape[0]} frames -> {grid_t} temporal groups of {tps} frame{'s' * (tps > 1)}, "
           f"{video_tokens} video tokens, {real} tokens in all")
     print(f"  DPSelect kept {len(kept_groups)} of {grid_t} groups (frame_keep_ratio={args.frame_keep}, "
           f"window={args.window}); keyframe groups: {key_groups}")
     print(f"  kept frames (first of each group): {[g * tps for g in kept_groups]}")
-    layers = "" if len(held) == len(report.positions) else f" (full-attention layers {report.compressed_layers})"
-    print(f"  KV tokens held per layer{layers}: plain {real} each; ReTaKe {held} (kv_keep_ratio={args.kv_keep}, "
+    which = "" if len(held) == len(report.positions) else f" (full-attention layers {layers})"
+    print(f"  KV tokens held per layer{which}: plain {real} each; ReTaKe {held} (kv_keep_ratio={args.kv_keep}, "
           f"chunk_frames={args.chunk_frames})")
     for name, label in (("plain", "without ReTaKe"), ("retake", "with ReTaKe   ")):
         r = runs[name]
         print(f"  prefill {label}: {r['seconds']:.2f} s, peak memory {r['peak'] / 2**20:.1f} MiB "
               f"(on top of the model); greedy tokens {r['answer']}")
+    print(f"  video memory: encoded once (handle.encode of the prompt up to the end of the video) in "
+          f"{memory['encode_seconds']:.3f} s, {memory['bytes'] / 2**20:.1f} MiB of keys and values")
+    for i, q in enumerate(memory["questions"]):
+        same = "as fresh" if q["memory_answer"] == q["fresh_answer"] else f"fresh {q['fresh_answer']}"
+        print(f"  question {i + 1} ({len(q['ids'])} tokens): {q['memory_seconds']:.3f} s on the memory vs "
+              f"{q['fresh_seconds']:.3f} s fresh ({_speedup(q['fresh_seconds'], q['memory_seconds'])}); greedy "
+              f"tokens {q['memory_answer']} ({same})")
     a = budgets.videos[0]
     novelty, ratios = a.chunk_novelty.tolist(), a.chunk_ratios.tolist()
     print(f"  temporal_budgets=True: {len(ratios)} chunk{'s' * (len(ratios) > 1)}, novelty d_c "
@@ -273,20 +351,43 @@ def videollm_stage(args, video, out):
           f"even budget ({int(kept_a.min())}..{int(kept_a.max())} tokens per chunk); with both, KV tokens held "
           f"per layer {held_a}")
     png = out / "videollm.png"
-    plot_videollm(png, grid_t, kept_groups, key_groups, real, held, runs)
+    plot_videollm(png, grid_t, kept_groups, key_groups, real, layers, held, runs, len(report.positions))
     print(f"wrote {png}")
     budgets_png = out / "videollm_budgets.png"
     plot_budgets(budgets_png, v, a, budgets.compressed_layers, tps)
     print(f"wrote {budgets_png}")
     return {"groups": grid_t, "kept_groups": kept_groups, "keyframe_groups": key_groups, "held": held,
-            "tokens": real, "png": str(png),
+            "layers": layers, "tokens": real, "png": str(png), "memory": memory,
             "seconds": {k: r["seconds"] for k, r in runs.items()}, "peak": {k: r["peak"] for k, r in runs.items()},
             "budgets": {"novelty": novelty, "ratios": ratios, "flat_ratios": v.chunk_ratios.tolist(),
                         "layer_kept": kept_a.tolist(), "layers": budgets.compressed_layers, "held": held_a,
                         "png": str(budgets_png)}}
 
 
-def plot_videollm(path, groups, kept, keys, real, held, runs):
+def held_per_layer(report):
+    """(layers, held): the layers PivotKV compressed (report.compressed_layers: every layer, but a hybrid model's
+    full-attention ones only) and the KV tokens each of them holds after the prefill (row 0)."""
+    tokens = report.held_tokens()
+    layers = report.compressed_layers
+    return layers, [int(tokens[i][0]) for i in layers]
+
+
+def plot_held(ax, layers, held, real, total_layers):
+    """The KV tokens each compressed layer holds with ReTaKe (a bar per layer, named by its index in the model,
+    the tick labels thinned to fit), against the `real` tokens every layer holds without (a line)."""
+    ax.bar(range(len(layers)), held, color="tab:blue", label="with ReTaKe")
+    ax.axhline(real, color="tab:gray", ls="--", label=f"without ReTaKe ({real})")
+    ax.set_xlim(-0.5, len(layers) - 0.5)
+    # Up to 12 layers every one is named ("auto" would thin 8 already), more: as many as the axis fits.
+    _index_ticks(ax.xaxis, [str(layer) for layer in layers], most=len(layers) if len(layers) <= 12 else "auto")
+    ax.set_ylim(0, 1.35 * max([real] + held))  # the top for the legend
+    ax.legend(loc="upper right", fontsize=8)
+    hybrid = len(layers) < total_layers
+    ax.set_xlabel(f"full-attention layer (of {total_layers}; the others hold no KV)" if hybrid else "layer")
+    ax.set_ylabel("KV tokens held")
+
+
+def plot_videollm(path, groups, kept, keys, real, layers, held, runs, total_layers):
     import matplotlib
 
     matplotlib.use("Agg")
@@ -298,9 +399,7 @@ def plot_videollm(path, groups, kept, keys, real, held, runs):
     ax.set_yticks([2, 1, 0], ["all groups", f"kept ({len(kept)})", f"keyframes ({len(keys)})"])
     ax.set_xlabel("temporal group")
     ax.set_title("DPSelect on the model's own frame features")
-    bx.bar(["plain"] + [f"ReTaKe\nlayer {i}" for i in range(len(held))], [real] + held,
-           color=["tab:gray"] + ["tab:blue"] * len(held))
-    bx.set_ylabel("KV tokens held")
+    plot_held(bx, layers, held, real, total_layers)
     bx.set_title("KV cache after the prefill")
     names = ["plain", "ReTaKe"]
     seconds = [runs["plain"]["seconds"], runs["retake"]["seconds"]]
@@ -402,7 +501,8 @@ def main(argv=None):
     ap.add_argument("--frame-keep", type=float, default=0.5, help="ReTaKe frame_keep_ratio")
     ap.add_argument("--kv-keep", type=float, default=0.4, help="ReTaKe kv_keep_ratio")
     ap.add_argument("--chunk-frames", type=int, default=32, help="ReTaKe chunk_frames")
-    ap.add_argument("--max-new-tokens", type=int, default=8, help="greedy tokens generated after each prefill")
+    ap.add_argument("--max-new-tokens", type=int, default=8,
+                    help="greedy tokens generated after each prefill and for each answer on the memory")
     args = ap.parse_args(argv)
     if args.family is not None:
         try:

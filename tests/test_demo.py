@@ -1,5 +1,7 @@
 """The main job runs end to end: synthetic video and a real file decoded with PyAV, through the
 default tiny Qwen2-VL and the tiny model of every family (retake_ops.hf.tiny)."""
+import re
+
 import pytest
 import torch
 
@@ -51,6 +53,24 @@ def test_video_file_is_decoded_with_pyav(tmp_path):
     assert set(cuts) <= set(result["keyframes"])
 
 
+def assert_memory_answered(result, out, max_new_tokens):
+    """The video was encoded once and both questions answered on the memory and fresh, each printed with its
+    times (never compared: timings are the machine's)."""
+    memory = result["memory"]
+    assert re.search(r"\n  video memory: encoded once \(handle.encode of the prompt up to the end of the video\) in "
+                     r"\d+\.\d{3} s, \d+\.\d MiB of keys and values\n", out)
+    assert memory["encode_seconds"] > 0 and memory["bytes"] > 0
+    questions = memory["questions"]
+    assert [q["ids"] for q in questions] == [list(ids) for ids in demo.TINY_QUESTIONS]
+    for i, q in enumerate(questions):
+        assert len(q["memory_answer"]) == len(q["fresh_answer"]) == max_new_tokens  # the memory answered
+        assert q["memory_seconds"] > 0 and q["fresh_seconds"] > 0
+        same = "as fresh" if q["memory_answer"] == q["fresh_answer"] else re.escape(f"fresh {q['fresh_answer']}")
+        line = (rf"\n  question {i + 1} \({len(q['ids'])} tokens\): \d+\.\d{{3}} s on the memory vs \d+\.\d{{3}} s "
+                rf"fresh \(\d+(\.\d)?x\); greedy tokens {re.escape(str(q['memory_answer']))} \({same}\)\n")
+        assert re.search(line, out), line
+
+
 @pytest.mark.filterwarnings("ignore:PivotKV. pivot tokens outnumber")  # a keyframe group: 16 tokens, a chunk keeps 12
 def test_videollm_stage_runs_the_tiny_qwen2_vl_with_and_without_retake(tmp_path, capsys):
     result = demo.main(["--frames", "32", "--shots", "3", "--select", "0", "--out", str(tmp_path),
@@ -62,6 +82,8 @@ def test_videollm_stage_runs_the_tiny_qwen2_vl_with_and_without_retake(tmp_path,
     video_tokens = 16 * 16  # 112 x 112 frames: 8 x 8 patches, 2 x 2 merged, per temporal group of 2 frames
     assert result["tokens"] == video_tokens + 3 + 2 + 4  # prompt, <vision_start/end>, question
     assert all(held < result["tokens"] / 2 for held in result["held"])
+    assert result["layers"] == list(range(8))
+    assert_memory_answered(result, out, max_new_tokens=2)
     assert set(result["seconds"]) == set(result["peak"]) == {"plain", "retake"}
     assert all(v > 0 for v in result["peak"].values())
     assert (tmp_path / "videollm.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -91,10 +113,47 @@ def test_videollm_stage_runs_every_familys_tiny_model_with_and_without_retake(tm
     layout = tiny.make_inputs(family, tiny.make_videos(family, [groups]))  # the same tokens, random pixels
     assert result["tokens"] == layout["input_ids"].shape[1]
     assert len(result["held"]) == 2 and all(held < result["tokens"] for held in result["held"])
+    assert result["layers"] == ([1, 3] if family in tiny.HYBRID_FAMILIES else [0, 1])  # the layers, not positions
+    assert_memory_answered(result, out, max_new_tokens=1)
     assert (tmp_path / "videollm.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert len(result["budgets"]["layers"]) == 2  # 2 layers; a hybrid's 2 full-attention layers of 4
     assert [len(row) for row in result["budgets"]["layer_kept"]] == [2]
     assert (tmp_path / "videollm_budgets.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("layers, total", [(list(range(8)), 8), ([1, 3], 4), (list(range(3, 48, 4)), 48),
+                                           (list(range(80)), 80), (list(range(3, 128, 4)), 128)])
+def test_the_kv_panel_names_its_bars_by_their_layers_without_overlapping_labels(layers, total):
+    """Bar i is layer layers[i] (a hybrid's compressed layers are not 0, 1, ...): its tick says so; up to 12 bars
+    every one is named, more are thinned, and no two labels overlap in the demo's figure."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(15, 3.6), gridspec_kw={"width_ratios": [3, 2, 2]})  # plot_videollm's
+    try:
+        demo.plot_held(axes[1], layers, [100] * len(layers), 300, total)
+        fig.tight_layout()
+        fig.canvas.draw()
+        ticks = [t for t in axes[1].xaxis.get_major_ticks() if t.label1.get_visible() and t.label1.get_text()]
+        named = {int(round(t.get_loc())): t.label1.get_text() for t in ticks}
+        boxes = [t.label1.get_window_extent() for t in ticks]
+    finally:
+        plt.close(fig)
+    assert named and all(label == str(layers[i]) for i, label in named.items())
+    if len(layers) <= 12:
+        assert sorted(named) == list(range(len(layers)))
+    assert not any(a.overlaps(b) for a, b in zip(boxes, boxes[1:]))
+    assert ("full-attention layer" in axes[1].get_xlabel()) == (len(layers) < total)
+
+
+def test_held_per_layer_names_the_compressed_layers():
+    from retake_ops.hf.videollm import RetakeReport
+
+    # A hybrid's 4 layers: 0 and 2 linear attention (None), 1 holds 3 tokens of 4 columns, 3 holds 2.
+    positions = [None, torch.tensor([[0, 1, 3, -1]]), None, torch.tensor([[0, 3, -1, -1]])]
+    assert demo.held_per_layer(RetakeReport([], positions, 0.0)) == ([1, 3], [3, 2])
 
 
 @pytest.mark.parametrize("family", tiny.QWEN)
