@@ -10,6 +10,7 @@ Tiny random-weight models (videollm_tiny.py), fp32 on CPU. Oracles:
 - the bound: a short per-row reference of the documented rule.
 """
 import json
+import math
 
 import pytest
 import torch
@@ -286,9 +287,12 @@ def reference_bound(chunk, score, pivot, valid, limit, force_pivots):
         by_remainder = sorted(held, key=lambda c: (-(limit * len(held[c]) % total), c))
         for c in by_remainder[:left]:
             quota[c] += 1
+        def rank(i):  # PivotKV's own ranking: pivots first (forced) or at score 1, NaN highest, then the earlier
+            s = 1.0 if pivot[b, i] and not force_pivots else float(score[b, i])
+            return (bool(pivot[b, i]) and force_pivots, math.inf if math.isnan(s) else s, -i)
+
         for c, slots in held.items():
-            ranked = sorted(slots, key=lambda i: (-int(pivot[b, i]) if force_pivots else 0, -float(score[b, i]), i))
-            for i in ranked[quota[c]:]:
+            for i in sorted(slots, key=rank, reverse=True)[quota[c]:]:
                 keep[b, i] = False
     return keep
 
@@ -299,7 +303,8 @@ def test_the_bound_keeps_what_the_reference_keeps(seed, force_pivots):
     g = torch.Generator().manual_seed(seed)
     batch, n = 3, 40
     chunk = torch.randint(-1, 6, (batch, n), generator=g)
-    score = torch.randint(0, 4, (batch, n), generator=g).float() / 4  # ties on purpose
+    score = torch.randint(0, 4, (batch, n), generator=g).float() / 4  # ties on purpose, and a NaN
+    score[0, 3] = float("nan")
     pivot = torch.rand(batch, n, generator=g) < 0.3
     valid = torch.rand(batch, n, generator=g) < 0.9
     for limit in (1, 7, 12, 40):
@@ -381,3 +386,133 @@ def test_a_class_level_handle_encodes_with_the_model_given():
         handle.remove()
     assert_same_run(got, want, "qwen2_vl")
 
+
+
+# ---------------------------------------------------------------------------------------
+# Misuse: refused by name, or the memory left as it was; never a silent wrong answer.
+# ---------------------------------------------------------------------------------------
+def test_a_failed_extend_leaves_the_memory_as_it_was_or_refuses_it_later(monkeypatch):
+    """Refused before any work (a segment of other rows), failing before its first forward (the memory is as it
+    was), or failing half way (the memory refuses every later use by name)."""
+    from retake_ops.hf import prefill
+
+    model = build("llava_onevision", "sdpa")
+    with apply_retake(model, **REUSE) as handle:
+        memory = handle.encode(**segment("llava_onevision", 0))
+        want = generate(model, memory.question_inputs([QUESTION]))
+        two_rows = make_inputs("llava_onevision", make_videos("llava_onevision", [4, 4], 1), [[5], [6]], [[40], [41]])
+        with pytest.raises(ValueError, match="input_ids has 2 rows but the memory 1"):
+            handle.extend(memory, **two_rows)
+
+        def fail(*args, **kwargs):
+            raise RuntimeError("out of memory")
+
+        with monkeypatch.context() as patch:
+            patch.setattr(prefill, "enable_pivotkv_attention", fail)
+            with pytest.raises(RuntimeError, match="out of memory"):
+                handle.extend(memory, **segment("llava_onevision", 1))
+        assert_same_run(generate(model, memory.question_inputs([QUESTION])), want, "llava_onevision", exact=True)
+
+        reached = prefill._check_layers_reached
+
+        def fail_late(model_, cache, index):
+            if index == 1:
+                raise RuntimeError("out of memory")
+            return reached(model_, cache, index)
+
+        with monkeypatch.context() as patch:
+            patch.setattr(prefill, "_check_layers_reached", fail_late)
+            with pytest.raises(RuntimeError, match="out of memory"):
+                handle.extend(memory, **segment("llava_onevision", 1))
+        with pytest.raises(ValueError, match="this VideoMemory is unusable: an extend failed half way"):
+            model.generate(**memory.question_inputs([QUESTION]))
+        with pytest.raises(ValueError, match="unusable"):
+            handle.extend(memory, **segment("llava_onevision", 2))
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "llava_onevision"])
+def test_a_memory_refuses_to_decode_without_the_patch(family):
+    model = build(family, "sdpa")
+    with apply_retake(model, **REUSE) as handle:
+        memory = handle.encode(**prompt_inputs(family))
+    with pytest.raises(RuntimeError, match="without the ReTaKe patch"):
+        model.generate(**memory.question_inputs([QUESTION]), max_new_tokens=1)
+
+
+def test_direct_forward_calls_on_two_memories_each_continue_their_own():
+    """Decoding by hand, a step on A, one on B, one on A: A's steps are those of A alone (the model's decoding
+    state is set from the memory on every call)."""
+    model = build("qwen2_5_vl", "sdpa")
+
+    def steps(memory, n):
+        cache = memory.copy()  # one row, no padding: the model derives positions from the cache's length
+        logits = [model(input_ids=torch.tensor([QUESTION]), **{memory.cache_name: cache}).logits[:, -1]]
+        for _ in range(n - 1):
+            token = logits[-1].argmax(-1, keepdim=True)
+            logits.append(model(input_ids=token, **{memory.cache_name: cache}).logits[:, -1])
+            yield logits[-1]
+
+    with apply_retake(model, **REUSE) as handle:
+        a = handle.encode(**prompt_inputs("qwen2_5_vl", seed=0))
+        shorter = make_inputs("qwen2_5_vl", make_videos("qwen2_5_vl", [4], 4), [PROMPT + [8, 9]], [TRAILER])
+        b = handle.encode(**shorter)  # another length and video: other decoding state
+        alone = list(steps(a, 3))
+        on_a, on_b = steps(a, 3), steps(b, 3)
+        mixed = [next(on_a), next(on_b), next(on_a)]
+    torch.testing.assert_close(mixed[0], alone[0], rtol=0, atol=1e-6)
+    torch.testing.assert_close(mixed[2], alone[1], rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("option,value", [("use_cache", False), ("prompt_lookup_num_tokens", 3), ("num_beams", 2),
+                                          ("num_return_sequences", 2)])
+def test_generate_options_a_memory_cannot_serve_are_refused_by_name(option, value):
+    model = build("qwen2_vl", "sdpa")
+    with apply_retake(model, **REUSE) as handle:
+        memory = handle.encode(**prompt_inputs("qwen2_vl"))
+        extra = {"do_sample": True} if option == "num_return_sequences" else {}
+        with pytest.raises(ValueError, match=f"{option}={value} with a VideoMemory|{option}.*with a VideoMemory"):
+            model.generate(**memory.question_inputs([QUESTION]), max_new_tokens=2, **{option: value}, **extra)
+
+
+@pytest.mark.parametrize("family", ["llava_onevision", "internvl"])
+def test_a_forward_without_positions_on_a_padded_memory_continues_as_generate(family):
+    """Two rows of different prompt lengths (left padded): a plain call that lets the decoder derive its
+    positions gives each row's question the positions generate() gives it."""
+    model = build(family, "sdpa")
+    videos = make_videos(family, [frames(family)] * 2, 0)
+    prompts = make_inputs(family, videos, [PROMPT, PROMPT + [8, 9, 10]], [TRAILER, TRAILER])
+    with apply_retake(model, **REUSE) as handle:
+        memory = handle.encode(**prompts)
+        batch = memory.question_inputs([QUESTION, QUESTION])
+        want = model.generate(**batch, max_new_tokens=1, output_logits=True, return_dict_in_generate=True).logits[0]
+        batch = memory.question_inputs([QUESTION, QUESTION])
+        batch["input_ids"] = batch["input_ids"][:, memory.input_ids.shape[1]:]
+        got = model(**batch).logits[:, -1]
+    torch.testing.assert_close(got, want, rtol=0, atol=tol(family))
+
+
+def test_a_memory_of_another_tensor_parallel_layout_is_refused(tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    model = build("qwen2_vl", "sdpa")
+    path = tmp_path / "video.safetensors"
+    with apply_retake(model, **REUSE) as handle:
+        handle.encode(**prompt_inputs("qwen2_vl")).save(path, verbose=False)
+        with safe_open(path, framework="pt") as f:
+            meta = json.loads(f.metadata()["retake_ops"])
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        meta["tensor_parallel"] = [1, 2]
+        save_file(tensors, path, metadata={"retake_ops": json.dumps(meta)})
+        with pytest.raises(ValueError, match="holds the keys and values of rank 1 of 2 tensor-parallel ranks, but the "
+                                             "model runs in one process"):
+            load_memory(path, model)
+
+
+def test_a_bounded_memory_with_reforged_positions_is_not_extended():
+    model = build("llava_onevision", "sdpa")
+    config = dict(REUSE, kv_keep_ratio=None, max_kv_tokens=8, reforge_positions=True)
+    with apply_retake(model, **config) as handle:
+        memory = handle.encode(**segment("llava_onevision", 0))
+        with pytest.raises(ValueError, match="max_kv_tokens with reforge_positions=True"):
+            handle.extend(memory, **segment("llava_onevision", 1))

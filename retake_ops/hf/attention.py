@@ -113,6 +113,7 @@ def _decoder_hook(module, args, kwargs):
     if not isinstance(cache, PivotKVCache):
         return None
     cache.configure(getattr(getattr(module, "config", None), "layer_types", None))
+    cache.forwards += 1
     step = kwargs.get(STEP_KWARG)
     if step is None:
         step = kwargs[STEP_KWARG] = Step(cache)

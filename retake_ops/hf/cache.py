@@ -409,6 +409,7 @@ class PivotKVCache(DynamicCache):
         self._warned_unplanned = False
         self.ranked = False  # layers record each evictable token's chunk, score and pivot flag (bounded memories)
         self.chunks = 0  # prefill chunks evicted so far: the next one's id in a ranked layer
+        self.forwards = 0  # forwards that reached the PivotKV decoder hook (a VideoMemory checks its updates by it)
         super().__init__()
         self.layer_class_to_replicate = None
 

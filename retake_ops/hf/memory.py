@@ -26,10 +26,13 @@ import json
 import os
 
 import torch
+import torch.distributed as dist
 import transformers
 
+from ..kernels.pivot_kv_compress import rank_keys
 from . import _compat
 from .cache import PivotKVCache, PivotKVLayer
+from .parallel import tensor_parallel
 from .videollm import RetakeReport, VideoReport
 
 FORMAT_VERSION = 1
@@ -44,7 +47,9 @@ def bound_keep(chunk: torch.Tensor, score: torch.Tensor, pivot: torch.Tensor, va
     other valid slot is kept). A row holding at most `limit` keeps them all. Otherwise chunk c, holding
     h_c of the row's H video tokens, keeps q_c = floor(limit * h_c / H) plus one for the chunks with the
     largest remainders (limit * h_c mod H) until the q_c sum to limit, ties to the earlier chunk; it keeps
-    its q_c best-ranked tokens: pivots first (with force_pivots), then higher score, then earlier slot.
+    its q_c best-ranked tokens by PivotKV's own ranking (rank_keys: pivots first with force_pivots, a
+    pivot's score counting as 1 without; then the higher score, NaN highest; then the earlier slot), so
+    re-compressing a chunk keeps what compressing it to q_c would have kept of the same scores.
     """
     batch, n = chunk.shape
     video = valid & (chunk >= 0)
@@ -63,18 +68,11 @@ def bound_keep(chunk: torch.Tensor, score: torch.Tensor, pivot: torch.Tensor, va
     rank = torch.empty_like(order).scatter_(1, order, torch.arange(held.shape[1], device=chunk.device).expand_as(order))
     quota = torch.where(total > limit, quota + (rank < left).long(), held)
 
-    # Slots sorted by (chunk, pivot first, score descending, slot), by stable sorts from the last key.
-    order = torch.arange(n, device=chunk.device).expand(batch, -1)
-
-    def by(key):
-        nonlocal order
-        order = order.gather(1, torch.sort(key.gather(1, order), dim=1, stable=True).indices)
-
-    by(-score.float())
-    if force_pivots:
-        by((~pivot).long())
-    by(torch.where(video, chunk, chunks))
-    sorted_chunk = torch.where(video, chunk, chunks).gather(1, order)
+    # Slots sorted by chunk, best-ranked first within it: the ranking's keys are unique, then a stable sort.
+    order = torch.sort(rank_keys(score.float(), pivot, force_pivots), dim=1, descending=True).indices
+    chunk_key = torch.where(video, chunk, chunks)
+    order = order.gather(1, torch.sort(chunk_key.gather(1, order), dim=1, stable=True).indices)
+    sorted_chunk = chunk_key.gather(1, order)
     starts = torch.cumsum(held, 1) - held  # where each chunk's tokens begin in the sorted order
     at = torch.arange(n, device=chunk.device).expand(batch, -1)
     first = starts.gather(1, sorted_chunk.clamp(max=held.shape[1] - 1))
@@ -124,11 +122,39 @@ class VideoMemory(PivotKVCache):
         self.reports: list[RetakeReport] = []
         self.cache_name = "past_key_values"  # the name under which the model's generate() takes a cache
         self.model_config: dict = {}  # model_config() of the model that encoded it
+        self.tensor_parallel_rank: tuple[int, int] | None = None  # (rank, ranks) of a tensor-parallel encoding
+        self.broken: str | None = None  # why a failed extend left the memory unusable
+        self._updated = {}  # layer -> the forward (cache.forwards) of its latest update
+        self._decoding = None  # set_decoding_state's arguments, on the device, once computed
 
     # ---- state ----------------------------------------------------------------------------
     @property
     def rows(self) -> int:
         return self.input_ids.shape[0]
+
+    def check_usable(self, what: str) -> None:
+        """ValueError for a memory a failed extend left half grown."""
+        if self.broken is not None:
+            raise ValueError(f"{what}: this VideoMemory is unusable: {self.broken}; encode the video again (or load "
+                             "a saved copy)")
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
+        # Decoding on a memory needs the PivotKV attention (masked slots, positions): a forward that did not pass
+        # the PivotKV decoder hook (the patch was removed, or another model) would answer wrong, silently.
+        if self._updated.get(layer_idx, 0) >= self.forwards:
+            raise RuntimeError("VideoMemory: a forward reached the memory without the ReTaKe patch (its handle was "
+                               "removed, or the model is not the patched one), which would ignore the memory's masked "
+                               "slots and positions; patch the model with apply_retake(model, ...) and continue")
+        self._updated[layer_idx] = self.forwards
+        return super().update(key_states, value_states, layer_idx, *args, **kwargs)
+
+    def decoding_args(self, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(text_short, the prompt's real tokens, position_shift) on `device`: family.set_decoding_state's
+        arguments for a call that continues on the memory (computed once)."""
+        if self._decoding is None or self._decoding[0].device != torch.device(device):
+            shift = self.position_shift.to(device)
+            self._decoding = (self.text_short.to(device), self.attention_mask.sum(1).to(device), shift)
+        return self._decoding
 
     def start_prefill(self) -> None:
         """Before a prefill continues on the memory: during it, later tokens move down only by what 1-D
@@ -137,6 +163,7 @@ class VideoMemory(PivotKVCache):
             self.position_shift = self.position_shift - (self.text_full - self.text_short).to(
                 self.position_shift.device)
             self.length_shift = None
+        self._decoding = None
 
     def record(self, ids: torch.Tensor, mask: torch.Tensor, next_short: torch.Tensor, text_short: torch.Tensor,
                text_full: torch.Tensor, short_width: int) -> None:
@@ -147,6 +174,7 @@ class VideoMemory(PivotKVCache):
         self.input_ids, self.attention_mask = ids, mask
         self.next_short, self.text_short, self.text_full = next_short.cpu(), text_short.cpu(), text_full.cpu()
         self.short_width = short_width
+        self._decoding = None
 
     def bound(self) -> None:
         """Hold every row of every layer to config.max_kv_tokens video tokens (bound_keep)."""
@@ -185,10 +213,12 @@ class VideoMemory(PivotKVCache):
         host = index.cpu()
         for name in ("input_ids", "attention_mask", "next_short", "text_short", "text_full"):
             setattr(self, name, getattr(self, name)[host])
+        self._decoding = None
 
     # ---- copies and batches ------------------------------------------------------------------
     def copy(self) -> "VideoMemory":
         """An independent copy: answering on it (generate() appends to it) leaves this memory unchanged."""
+        self.check_usable("VideoMemory.copy")
         new = VideoMemory.__new__(VideoMemory)
         new.__dict__.update(self.__dict__)
         new.layers = [_copy_layer(layer, new) for layer in self.layers]
@@ -197,6 +227,7 @@ class VideoMemory(PivotKVCache):
             setattr(new, name, None if value is None else value.clone())
         new.reports = list(self.reports)
         new.prefilling = False
+        new._updated = dict(self._updated)
         return new
 
     def repeat(self, times: int) -> "VideoMemory":
@@ -258,9 +289,11 @@ class VideoMemory(PivotKVCache):
         with verbose, prints it with what the held keys and values take."""
         from safetensors.torch import save_file
 
+        self.check_usable("VideoMemory.save")
         tensors: dict[str, torch.Tensor] = {}
         meta = {"format_version": FORMAT_VERSION, "retake_ops": _version(), "transformers": transformers.__version__,
                 "model_type": self.model_type, "family": self.family, "model_config": self.model_config,
+                "tensor_parallel": self.tensor_parallel_rank,
                 "dtype": str(self.dtype()).removeprefix("torch."), "config": _pack(dataclasses.asdict(self.config),
                                                                                    "config", tensors),
                 "state": _pack({name: getattr(self, name) for name in _STATE}, "state", tensors),
@@ -289,11 +322,17 @@ class VideoMemory(PivotKVCache):
 
 # State a memory carries besides its layers (their tensors, positions included, travel with the layers).
 _STATE = ("input_ids", "attention_mask", "next_short", "text_short", "text_full", "short_width", "position_shift",
-          "length_shift", "chunks", "keep_ratio")
+          "length_shift", "chunks")
 
 
 def _version() -> str:
     return importlib.metadata.version("retake-ops")
+
+
+def tensor_parallel_rank(model) -> tuple[int, int] | None:
+    """(this process's index in the model's tensor-parallel group, its size), or None in one process."""
+    tp = tensor_parallel(model)
+    return None if tp is None else (dist.get_rank(tp.group), tp.size)
 
 
 def _layer_devices(model) -> list[torch.device]:
@@ -417,6 +456,13 @@ def load_memory(path: str | os.PathLike, model) -> VideoMemory:
         if want.get(field) != saved:
             raise ValueError(f"load_memory: {path} was encoded by a model with {field}={saved!r}, but this "
                              f"model has {field}={want.get(field)!r}")
+    tp = tensor_parallel_rank(model)
+    saved_tp = meta["tensor_parallel"] and tuple(meta["tensor_parallel"])
+    if saved_tp != tp:
+        def says(rank):
+            return "one process" if rank is None else f"rank {rank[0]} of {rank[1]} tensor-parallel ranks"
+        raise ValueError(f"load_memory: {path} holds the keys and values of {says(saved_tp)}, but the model runs in "
+                         f"{says(tp)}; every rank loads the file it saved")
     dtype = str(model.dtype).removeprefix("torch.")
     if meta["dtype"] is not None and meta["dtype"] != dtype:
         raise ValueError(f"load_memory: {path} holds {meta['dtype']} keys and values, but the model runs in "
@@ -425,6 +471,7 @@ def load_memory(path: str | os.PathLike, model) -> VideoMemory:
     memory = VideoMemory(config, meta["family"], meta["model_type"])
     memory.cache_name = _compat.cache_kwarg(model.forward)
     memory.model_config = meta["model_config"]
+    memory.tensor_parallel_rank = tp
     devices = _layer_devices(model)
     for i, packed in enumerate(meta["layers"]):
         device = devices[i] if i < len(devices) else devices[-1]

@@ -24,7 +24,7 @@ from ..checks import FLOAT_DTYPES, check_int, check_ratio
 from . import _compat, copies
 from .attention import disable_pivotkv_attention, enable_pivotkv_attention
 from .cache import PivotKVCache, check_layer_budgets, check_pivot_overflow
-from .memory import VideoMemory, model_config
+from .memory import VideoMemory, model_config, tensor_parallel_rank
 from .models import FAMILIES
 from .videollm import RetakeReport, retake_prefill
 
@@ -242,8 +242,8 @@ class RetakeHandle:
                     out, handle.report = retake_prefill(model, handle.family, handle.config, named, call)
                     handle.prefills += 1
                     return out
-                if isinstance(cache, VideoMemory) and cache.get_seq_length() == cache.input_ids.shape[1]:
-                    handle._continue(model, cache, named)  # the first call after the encoded prompt
+                if isinstance(cache, VideoMemory):
+                    handle._continue(model, cache, named)
                 return call(**named)
 
             # generate() reads forward's signature to choose what to pass: the patched one takes raw pixels.
@@ -255,6 +255,7 @@ class RetakeHandle:
                 named = _named(generate_signature, (model, *args), kwargs)
                 cache = _compat.cache_from_kwargs(named)
                 if isinstance(cache, VideoMemory):
+                    check_memory_generate_options(model, generate_signature, named)
                     ids = named.get("input_ids")
                     handle._continue(model, cache, named, named.get("inputs") if ids is None else ids)
                 if not handle.family.has_video(named):
@@ -350,6 +351,7 @@ class RetakeHandle:
         memory = VideoMemory(self.config, self.family.name, model.config.model_type)
         memory.cache_name = _compat.cache_kwarg(model.forward)
         memory.model_config = model_config(model)
+        memory.tensor_parallel_rank = tensor_parallel_rank(model)
         self._encode_into(model, memory, inputs, "encode")
         return memory
 
@@ -362,7 +364,7 @@ class RetakeHandle:
         if not isinstance(memory, VideoMemory):
             raise ValueError(f"RetakeHandle.extend: memory must be a VideoMemory (from encode or load_memory), got "
                              f"{type(memory).__name__}")
-        self._check_memory(memory, "extend")
+        self._check_memory(memory, "RetakeHandle.extend")
         mine, theirs = dataclasses.replace(self.config, progress=False), dataclasses.replace(memory.config,
                                                                                               progress=False)
         if mine != theirs:
@@ -374,10 +376,29 @@ class RetakeHandle:
             raise ValueError(f"RetakeHandle.extend: the memory holds {memory.get_seq_length()} columns but its prompt "
                              f"has {memory.input_ids.shape[1]}: it went on to answer a question. Extend the memory "
                              "itself and answer on memory.copy()")
-        self._encode_into(model, memory, inputs, "extend")
+        if self.config.max_kv_tokens is not None and self.config.reforge_positions:
+            raise ValueError("RetakeHandle.extend: max_kv_tokens with reforge_positions=True: the bound evicts held "
+                             "keys after their positions were re-forged, which would leave gaps re-forging never "
+                             "closes; extend a memory encoded with one of them")
+        ids = inputs.get("input_ids")
+        if isinstance(ids, torch.Tensor) and ids.dim() == 2 and ids.shape[0] != memory.rows:
+            raise ValueError(f"RetakeHandle.extend: input_ids has {ids.shape[0]} rows but the memory {memory.rows}; a "
+                             "segment brings one row per row of the memory")
+        shifts = memory.position_shift, memory.length_shift
+        seen = [(layer.cumulative_length, layer.length) for layer in memory.kv_layers]
+        try:
+            self._encode_into(model, memory, inputs, "extend")
+        except BaseException as err:
+            if [(layer.cumulative_length, layer.length) for layer in memory.kv_layers] == seen:
+                memory.position_shift, memory.length_shift = shifts  # nothing ran: the memory is as it was
+                memory._decoding = None
+            else:
+                memory.broken = f"an extend failed half way ({type(err).__name__}: {err})"
+            raise
         return memory
 
     def _check_memory(self, memory: VideoMemory, what: str) -> None:
+        memory.check_usable(what)
         if memory.family != self.family.name:
             raise ValueError(f"{what}: the memory was encoded by a {memory.family} model; this handle patches "
                              f"{self.family.name}")
@@ -401,8 +422,9 @@ class RetakeHandle:
         enable_pivotkv_attention(model)
         self._models.add(model)
         # The text after the prompt goes where the model puts it after the full prompt (memory.text_short, once
-        # the shift moves it down), as generate() on prompt and question at once would place it.
-        self.family.set_decoding_state(model, memory.text_short, memory.attention_mask.sum(1), memory.position_shift)
+        # the shift moves it down), as generate() on prompt and question at once would place it. Set on every
+        # call: another memory or prefill may have run since.
+        self.family.set_decoding_state(model, *memory.decoding_args(memory.position_shift.device))
 
     def remove(self) -> None:
         """Restore the original forward, generate (and generation hook) and attention implementation (idempotent)."""
@@ -496,6 +518,24 @@ def check_prefill_call(model, named: dict, cache) -> None:
         got = f"shape {list(mask.shape)}" if isinstance(mask, torch.Tensor) else type(mask).__name__
         raise ValueError(f"apply_retake: the ReTaKe prefill takes the processor's 2-D attention_mask [batch, "
                          f"length], got {got}")
+
+
+def check_memory_generate_options(model, signature: inspect.Signature, named: dict) -> None:
+    """ValueError for generation options that cannot continue on a VideoMemory."""
+    extra = {name: value for name, value in named.items() if name not in signature.parameters}
+    config = _compat.generation_config(model, named.get("generation_config"), extra)
+    if config.use_cache is False:
+        raise ValueError("apply_retake: use_cache=False with a VideoMemory: the memory is the cache the answer "
+                         "continues on; drop use_cache=False")
+    if _compat.is_assisted(config, named.get("assistant_model")):
+        raise ValueError("apply_retake: assisted generation (assistant_model, prompt_lookup_num_tokens, "
+                         "assistant_early_exit) with a VideoMemory: on a PivotKVCache its answers are not those of "
+                         "plain decoding; drop the assistant")
+    for name in ("num_beams", "num_return_sequences"):
+        if (getattr(config, name, None) or 1) > 1:
+            raise ValueError(f"apply_retake: {name}={getattr(config, name)} with a VideoMemory: generate() does not "
+                             "expand a cache it is given; repeat the question instead "
+                             "(memory.question_inputs([question] * n)) and sample")
 
 
 def check_generate_options(model, signature: inspect.Signature, named: dict) -> None:

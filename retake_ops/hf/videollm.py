@@ -453,7 +453,10 @@ def retake_prefill(model, family, config, kwargs: dict, forward, memory=None):
     short_width = world.ids.shape[1] + (0 if memory is None else memory.short_width)
     reforged = cache.shift_for(batch, device)
     cache.position_shift = reforged + (text_full - text_short).to(reforged.device)
-    cache.length_shift = reforged + (past + length - short_width)  # a decoder counts the input's columns
+    # A decoder that derives positions counts the input's columns; a memory's positions are generate()'s
+    # (real tokens), so there a row's text continues at text_short.
+    cache.length_shift = reforged + (past + length - (text_short.to(reforged.device) if memory is not None
+                                                      else short_width))
     full_real = mask.sum(1).cpu() + (memory.attention_mask.sum(1) if past else 0)
     family.set_decoding_state(model, next_short, full_real, cache.position_shift)
     if memory is not None:

@@ -25,7 +25,7 @@ def token_scores(q: Tensor, k: Tensor, scale: float | None = None, causal: bool 
     return head_score_sum(q, k, scale, causal).div_(q.shape[1])
 
 
-def _rank_keys(scores: Tensor, pivot_mask: Tensor | None, force_pivots: bool) -> Tensor:
+def rank_keys(scores: Tensor, pivot_mask: Tensor | None, force_pivots: bool) -> Tensor:
     """int64 [B, Lk]: unique keys whose descending order is select_tokens' ranking."""
     if pivot_mask is not None and not force_pivots:
         scores = scores.masked_fill(pivot_mask, 1.0)
@@ -48,14 +48,14 @@ def select_tokens(scores: Tensor, pivot_mask: Tensor | None, keep: int, force_pi
     deterministic; torch.topk alone leaves ties open. NaN scores rank as +inf (torch.topk ranks
     NaN first), and -0.0 ties with +0.0.
     """
-    key = _rank_keys(scores, pivot_mask, force_pivots)
+    key = rank_keys(scores, pivot_mask, force_pivots)
     top = torch.topk(key, keep, dim=-1, sorted=False).indices
     return top.sort(dim=-1).values
 
 
 def select_mask(scores: Tensor, pivot_mask: Tensor | None, keep: Tensor, force_pivots: bool = True) -> Tensor:
     """bool [B, Lk]: select_tokens' choice with a budget per row, keep int64 [B] in [1, Lk]."""
-    key = _rank_keys(scores, pivot_mask, force_pivots)
+    key = rank_keys(scores, pivot_mask, force_pivots)
     threshold = key.sort(dim=-1, descending=True).values.gather(1, keep[:, None] - 1)
     return key >= threshold
 
