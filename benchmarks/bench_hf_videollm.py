@@ -257,7 +257,7 @@ def video_held(memory, video_token_id) -> list[int]:
     """Per layer, the video tokens row 0 holds: the held input_ids columns (the latest report) that are video."""
     ids = memory.input_ids[0]
     return [int((ids[p[p >= 0]] == video_token_id).sum()) for p in
-            (positions[0] for positions in memory.reports[-1].positions if positions is not None)]
+            (positions[0] for positions in memory.report.positions if positions is not None)]
 
 
 def stream_segments(model, segments):

@@ -157,7 +157,7 @@ def test_a_guided_memory_keeps_what_a_guided_run_on_its_prompt_keeps():
         memory = handle.encode(**prompt_inputs("qwen2_vl"))
         guided_by_question = generate(model, prompt_inputs("qwen2_vl", question=QUESTION))
         question_report = handle.report
-    for got, held in zip(memory.reports[0].positions, want):
+    for got, held in zip(memory.report.positions, want):
         assert torch.equal(got, held)
     assert any(not torch.equal(a[:, :b.shape[1]], b) for a, b in zip(question_report.positions, want))
     assert guided_by_question[0].shape == (1, STEPS)
@@ -185,9 +185,9 @@ def test_a_loaded_memory_is_bit_identical_to_the_saved_one(family, options, tmp_
                      "length_shift"):
             assert torch.equal(getattr(loaded, name), getattr(memory, name)), name
         assert loaded.get_seq_length() == memory.get_seq_length()
-        for a, b in zip(loaded.reports[0].positions, memory.reports[0].positions):
+        for a, b in zip(loaded.report.positions, memory.report.positions):
             assert (a is None and b is None) or torch.equal(a, b)
-        assert torch.equal(loaded.reports[0].videos[0].kept_frames, memory.reports[0].videos[0].kept_frames)
+        assert torch.equal(loaded.report.videos[0].kept_frames, memory.report.videos[0].kept_frames)
         got = generate(model, loaded.question_inputs([QUESTION]))
     assert_same_run(got, want, family, exact=True)
 
@@ -330,7 +330,7 @@ def test_a_bounded_stream_applies_the_rule_and_never_exceeds_the_budget(monkeypa
     monkeypatch.setattr("retake_ops.hf.memory.bound_keep", recorded)
     with apply_retake(model, **dict(REUSE, kv_keep_ratio=None, max_kv_tokens=limit, frame_keep_ratio=1.0)) as handle:
         memory = handle.encode(**segment("qwen2_vl", 0))
-        chunks = memory.reports[0].videos[0].chunk_starts.numel() - 1
+        chunks = memory.report.videos[0].chunk_starts.numel() - 1
         layer = memory.kv_layers[0]
         ids = layer._chunk[:, :layer.length][layer.valid & (layer._chunk[:, :layer.length] >= 0)]
         assert ids.unique().tolist() == list(range(chunks))  # each video token knows its chunk

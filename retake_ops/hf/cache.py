@@ -116,6 +116,16 @@ class PivotKVLayer(DynamicLayer):
             setattr(self, name, grow(getattr(self, name), 1))
         self._set_length(n)
 
+    def trim(self) -> None:
+        """Storage of exactly the held slots (the next update grows it again by an eighth)."""
+        n = self.length
+        if self._k.shape[2] == n:
+            return
+        self._k, self._v = self._k[:, :, :n].clone(), self._v[:, :, :n].clone()
+        for name in self.slot_buffers():
+            setattr(self, name, getattr(self, name)[:, :n].clone())
+        self._set_length(n)
+
     @property
     def positions(self) -> torch.Tensor:
         return self._pos[:, :self.length]

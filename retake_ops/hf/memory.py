@@ -15,7 +15,7 @@ it holds, its best-ranked tokens first).
 
 Files (`save`, `load_memory`): one safetensors file; its header's "retake_ops" entry is a JSON object
 with the format version, the retake-ops and transformers versions, the model type and the config
-fields the cache depends on, the dtype, the RetakeConfig, the memory's state and the reports.
+fields the cache depends on, the dtype, the RetakeConfig, the memory's state and the latest report.
 """
 from __future__ import annotations
 
@@ -103,7 +103,7 @@ class VideoMemory(PivotKVCache):
         next_short: int64 [B] on the host: one past the largest position the LLM saw (the model's
             rope_deltas count from it).
         short_width: the columns of the shorter input the LLM saw.
-        reports: the RetakeReport of every encode and extend, in order.
+        report: the RetakeReport of the latest encode or extend (its positions are what the memory held then).
     """
 
     def __init__(self, config, family: str, model_type: str):
@@ -119,7 +119,7 @@ class VideoMemory(PivotKVCache):
         self.attention_mask = torch.zeros(0, 0, dtype=torch.int64)
         self.next_short = self.text_short = self.text_full = torch.zeros(0, dtype=torch.int64)
         self.short_width = 0
-        self.reports: list[RetakeReport] = []
+        self.report: RetakeReport | None = None
         self.cache_name = "past_key_values"  # the name under which the model's generate() takes a cache
         self.model_config: dict = {}  # model_config() of the model that encoded it
         self.tensor_parallel_rank: tuple[int, int] | None = None  # (rank, ranks) of a tensor-parallel encoding
@@ -176,6 +176,12 @@ class VideoMemory(PivotKVCache):
         self.short_width = short_width
         self._decoding = None
 
+    def trim(self) -> None:
+        """Give back the room the prefill reserved past the held slots (a memory is kept, not filled)."""
+        for layer in self.kv_layers:
+            if layer.is_initialized:
+                layer.trim()
+
     def bound(self) -> None:
         """Hold every row of every layer to config.max_kv_tokens video tokens (bound_keep)."""
         limit = self.config.max_kv_tokens
@@ -225,7 +231,6 @@ class VideoMemory(PivotKVCache):
         for name in ("position_shift", "length_shift"):
             value = getattr(self, name)
             setattr(new, name, None if value is None else value.clone())
-        new.reports = list(self.reports)
         new.prefilling = False
         new._updated = dict(self._updated)
         return new
@@ -298,7 +303,7 @@ class VideoMemory(PivotKVCache):
                                                                                    "config", tensors),
                 "state": _pack({name: getattr(self, name) for name in _STATE}, "state", tensors),
                 "layers": [_pack_layer(layer, f"layers.{i}", tensors) for i, layer in enumerate(self.layers)],
-                "reports": [_pack(_report_dict(r), f"reports.{i}", tensors) for i, r in enumerate(self.reports)]}
+                "report": None if self.report is None else _pack(_report_dict(self.report), "report", tensors)}
         save_file({k: v.detach().to("cpu", copy=True).contiguous() for k, v in tensors.items()}, os.fspath(path),
                   metadata={_META_KEY: json.dumps(meta)})
         size = os.path.getsize(path)
@@ -481,7 +486,7 @@ def load_memory(path: str | os.PathLike, model) -> VideoMemory:
     for name, value in state.items():
         on_host = name in ("input_ids", "attention_mask", "next_short", "text_short", "text_full")
         setattr(memory, name, value.to("cpu" if on_host else first) if isinstance(value, torch.Tensor) else value)
-    memory.reports = [_load_report(_unpack(r, tensors, "cpu")) for r in meta["reports"]]
+    memory.report = None if meta["report"] is None else _load_report(_unpack(meta["report"], tensors, "cpu"))
     memory.planned = True
     if config.reforge_positions:
         memory.rope = model_rope(model)

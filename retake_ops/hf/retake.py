@@ -336,6 +336,7 @@ class RetakeHandle:
         if "logits_to_keep" in inspect.signature(forward).parameters:
             named.setdefault("logits_to_keep", 1)
         _, self.report = retake_prefill(model, self.family, self.config, named, forward, memory=memory)
+        memory.trim()
         self.prefills += 1
 
     def encode(self, model=None, /, **inputs) -> VideoMemory:

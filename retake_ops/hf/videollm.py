@@ -486,5 +486,5 @@ def retake_prefill(model, family, config, kwargs: dict, forward, memory=None):
     held = [layer.positions.to("cpu", copy=True) if isinstance(layer, PivotKVLayer) else None for layer in cache.layers]
     report = RetakeReport(reports, held, time.perf_counter() - started, cache.tensor_parallel)
     if memory is not None:
-        memory.reports.append(report)
+        memory.report = report
     return out, report
