@@ -2,8 +2,9 @@
 
 A VideoMemory is the PivotKVCache a ReTaKe prefill leaves (RetakeHandle.encode), with everything
 decoding needs from it that the model would otherwise keep: the encoded prompt's input_ids and
-attention mask, and where its text continues (next_short: one past the largest position of the
-shorter input the LLM saw, next_full: the same in the full input's positions). A call that continues
+attention mask, and where its text continues (text_short / text_full: the model's own position of a
+token appended to the shorter input the LLM saw / to the full input; next_short: one past the largest
+position the LLM saw, which the model's rope_deltas count from). A call that continues
 on it (generate(), or a forward) through the patched model first sets the model's own decoding state
 (Qwen's rope_deltas) from it, so a memory answers the same whatever the model encoded in between.
 
