@@ -13,8 +13,12 @@ chunks it is the state one unchunked pass over the same tokens leaves:
 - The question probe (trailing tokens that score a chunk and are then dropped) runs from the
   state the chunk left, and the state is put back afterwards: the probe never advances it.
 
+- A plain forward with padding among its new tokens (a batch of questions of different lengths
+  after a VideoMemory, the padding between the memory and each question) runs each row alone on
+  its real tokens too, once the layer has a state.
+
 `LinearSwitch` replaces the forward of each linear-attention module while the PivotKV attention is
-on (retake_ops.hf.attention): outside a planned forward it only takes the PivotKV step argument
+on (retake_ops.hf.attention): outside those forwards it only takes the PivotKV step argument
 away, which the module would otherwise pass on to its kernels.
 """
 from __future__ import annotations
