@@ -197,15 +197,11 @@ class PivotKVLayer(DynamicLayer):
         self._score[:, region] = torch.where(evictable, scores.float(), self._score[:, region])
         self._pivot[:, region] = evictable & pivots
 
-    def retain(self, keep: torch.Tensor) -> None:
-        """Keep, of the held slots, those marked in bool [B, n] (ascending; a row keeping fewer fills the rest
-        with masked slots); the sequence length stays."""
-        n = self.length
-        count = keep.sum(1)
-        slots = int(count.max()) if n else 0
-        col = torch.arange(n, device=keep.device)
-        idx = torch.where(keep, col, col + n).sort(dim=1).values[:, :slots] % max(n, 1)
-        slot_valid = torch.arange(slots, device=keep.device)[None, :] < count[:, None]
+    def retain(self, idx: torch.Tensor, slot_valid: torch.Tensor) -> None:
+        """Keep, of the held slots, those at int64 [B, slots] idx (ascending per row); slot_valid (bool
+        [B, slots]) marks which of them stay tokens (a row keeping fewer fills the rest with masked slots).
+        The sequence length stays."""
+        n, slots = self.length, idx.shape[1]
         heads_idx = idx[:, None, :, None]
         self._k[:, :, :slots] = self.keys.gather(2, heads_idx.expand(-1, self._k.shape[1], -1, self._k.shape[3]))
         self._v[:, :, :slots] = self.values.gather(2, heads_idx.expand(-1, self._v.shape[1], -1, self._v.shape[3]))

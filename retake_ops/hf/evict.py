@@ -89,7 +89,7 @@ def _record_ranks(layer, ev, scores, chunk: int) -> None:
     layer.set_ranks(chunk, ev.evictable, dense, pivots)
 
 
-def _kept_columns(kept_mask: torch.Tensor, slots: int) -> torch.Tensor:
+def kept_columns(kept_mask: torch.Tensor, slots: int) -> torch.Tensor:
     """int64 [B, slots]: each row's kept chunk columns ascending, then the others (the masked filler slots),
     by one sort of unique keys."""
     chunk = kept_mask.shape[1]
@@ -133,7 +133,7 @@ def evict(layer, plan: StepPlan, query: torch.Tensor, scale: float | None, step)
         else:
             kept_mask[g.rows] = kept_mask[g.rows].scatter(1, cols, True)
     if idx is None:
-        idx = _kept_columns(kept_mask, ev.slots)
+        idx = kept_columns(kept_mask, ev.slots)
     rope = None
     if cache.reforge_positions:
         rope = _reforge(layer, ev, idx, kept_rows, step)
@@ -182,7 +182,7 @@ def evict_pooled(step) -> torch.Tensor:
             _record_ranks(layer, lev, scores, step.chunk)
         slots = int(held[:, i].max())
         slot_valid = torch.arange(slots, device=kept_mask.device)[None, :] < held_dev[:, i, None].to(kept_mask.device)
-        layer.compact(_kept_columns(kept_mask, slots), slot_valid, placed.probe)
+        layer.compact(kept_columns(kept_mask, slots), slot_valid, placed.probe)
     return kept
 
 

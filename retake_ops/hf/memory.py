@@ -33,6 +33,7 @@ import transformers
 from ..kernels.pivot_kv_compress import rank_keys
 from . import _compat
 from .cache import PivotKVCache, PivotKVLayer
+from .evict import kept_columns
 from .parallel import tensor_parallel
 from .videollm import RetakeReport, VideoReport
 
@@ -191,8 +192,11 @@ class VideoMemory(PivotKVCache):
                 held = (layer.valid & (layer._chunk[:, :layer.length] >= 0)).sum(1)
                 if int(held.max()) > limit:
                     n = layer.length
-                    layer.retain(bound_keep(layer._chunk[:, :n], layer._score[:, :n], layer._pivot[:, :n],
-                                            layer.valid, limit, self.force_pivots))
+                    keep = bound_keep(layer._chunk[:, :n], layer._score[:, :n], layer._pivot[:, :n], layer.valid,
+                                      limit, self.force_pivots)
+                    count = keep.sum(1)
+                    slots = int(count.max())
+                    layer.retain(kept_columns(keep, slots), torch.arange(slots, device=keep.device) < count[:, None])
 
     def video_tokens(self) -> list[torch.Tensor | None]:
         """Per layer, int64 [B]: the video tokens each row holds (None: a linear-attention layer). Counted in

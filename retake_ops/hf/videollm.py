@@ -307,15 +307,15 @@ def _next_positions(positions: torch.Tensor, real: torch.Tensor) -> torch.Tensor
     return torch.where(real, top, torch.iinfo(top.dtype).min).amax(1) + 1
 
 
-def _text_position(family, model, ids: torch.Tensor, mask: torch.Tensor, extra: dict, given: bool) -> torch.Tensor:
-    """int64 [B] on the host: the position the model's own positions give a text token appended to each row,
-    where the text after this input goes (Qwen2.5-VL, for one, starts it below the video's largest temporal
-    position)."""
+def _positions_and_text(family, model, ids: torch.Tensor, mask: torch.Tensor, extra: dict, given: bool):
+    """(the model's own positions of a batch, [B, L] or [3, B, L]; int64 [B] on the host: the position they give
+    a text token appended to each row, where the text after this input goes; Qwen2.5-VL, for one, starts it
+    below the video's largest temporal position), from one call on the batch with that token appended."""
     text = 1 if family.video_tokens(model, torch.zeros(1, 1, dtype=ids.dtype)).any() else 0
     more_ids = torch.cat([ids, torch.full_like(ids[:, :1], text)], 1)
     more_mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
     positions = family.positions(model, more_ids, more_mask, extra, given)
-    return (positions[0] if positions.dim() == 3 else positions)[:, -1].cpu()
+    return positions[..., :-1], (positions[0] if positions.dim() == 3 else positions)[:, -1].cpu()
 
 
 @torch.no_grad()
@@ -340,15 +340,11 @@ def retake_prefill(model, family, config, kwargs: dict, forward, memory=None):
     kept = [sel[0] for sel in selection]
     short_extra = family.short_inputs(model, kwargs, world.ids, world.mask, kept)
     given = memory is not None or kwargs.get("position_ids") is not None
-    positions = family.positions(model, world.ids, world.mask, short_extra, given)
-    full_extra = family.full_inputs(kwargs)
-    full_positions = family.positions(model, ids, mask, full_extra, given)
-    text_short = _text_position(family, model, world.ids, world.mask, short_extra, given)
-    text_full = _text_position(family, model, ids, mask, full_extra, given)
+    positions, text_short = _positions_and_text(family, model, world.ids, world.mask, short_extra, given)
+    text_full = _positions_and_text(family, model, ids, mask, family.full_inputs(kwargs), given)[1]
     past = 0 if memory is None else memory.get_seq_length()
     if past:  # the model's positions are the same from any start: this prompt's continue the memory's text
         positions = positions + memory.text_short.to(positions.device)[:, None]
-        full_positions = full_positions + memory.text_full.to(full_positions.device)[:, None]
         text_short, text_full = text_short + memory.text_short, text_full + memory.text_full
     schedule = _Schedule(world, max(1, config.chunk_frames // family.frames_per_group(model)),
                          config.temporal_budgets)
