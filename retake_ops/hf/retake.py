@@ -521,10 +521,15 @@ def check_prefill_call(model, named: dict, cache) -> None:
                          f"length], got {got}")
 
 
+def _generation_options(model, signature: inspect.Signature, named: dict):
+    """(the generation config generate() will use, generate()'s keyword-only extras by name)."""
+    extra = {name: value for name, value in named.items() if name not in signature.parameters}
+    return _compat.generation_config(model, named.get("generation_config"), extra), extra
+
+
 def check_memory_generate_options(model, signature: inspect.Signature, named: dict) -> None:
     """ValueError for generation options that cannot continue on a VideoMemory."""
-    extra = {name: value for name, value in named.items() if name not in signature.parameters}
-    config = _compat.generation_config(model, named.get("generation_config"), extra)
+    config = _generation_options(model, signature, named)[0]
     if config.use_cache is False:
         raise ValueError("apply_retake: use_cache=False with a VideoMemory: the memory is the cache the answer "
                          "continues on; drop use_cache=False")
@@ -543,8 +548,7 @@ def check_generate_options(model, signature: inspect.Signature, named: dict) -> 
     """ValueError, before generate() does any work, for generation options that the ReTaKe prefill cannot
     serve on a prompt with videos. named: generate()'s arguments by name (_named); its keyword-only extras
     are merged with the passed and the model's generation_config as generate() merges them."""
-    extra = {name: value for name, value in named.items() if name not in signature.parameters}
-    config = _compat.generation_config(model, named.get("generation_config"), extra)
+    config, extra = _generation_options(model, signature, named)
     if config.use_cache is False:
         raise ValueError(_NO_CACHE)
     if config.cache_implementation not in _CACHE_IMPLEMENTATIONS:
