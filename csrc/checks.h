@@ -7,7 +7,10 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdio>
+#include <cstdlib>
 #include <limits>
+#include <optional>
 #include <sstream>
 #include <string>
 #include <utility>
@@ -160,6 +163,65 @@ inline void check_nms_select_rows_cuda(const at::Tensor& scores) {
 inline void check_scores_without_nan(bool has_nan) {
   TORCH_CHECK_VALUE(!has_nan,
                     "nms_select: scores contains NaN, expected finite or +-inf scores (use -inf for unwanted frames)");
+}
+
+// ---------------------------------------------------------------- attn_scores
+
+constexpr int64_t kAttnMaxHeadDim = 256;
+
+// A float as Python's repr writes it (1.0, -100.0, 0.0001, 1e-05, 1e+16, nan, -inf): the shortest
+// digits that read back as x, in fixed notation for decimal exponents in [-4, 16), so messages
+// match checks.py.
+inline std::string python_float(double x) {
+  if (std::isnan(x)) return "nan";
+  if (std::isinf(x)) return x > 0 ? "inf" : "-inf";
+  char buf[40];
+  for (int p = 0; p <= 17; ++p) {
+    std::snprintf(buf, sizeof buf, "%.*e", p, x);
+    if (std::strtod(buf, nullptr) == x) break;
+  }
+  std::string text(buf), sign;
+  if (text[0] == '-') {
+    sign = "-";
+    text.erase(0, 1);
+  }
+  const size_t e = text.find('e');
+  const int exponent = std::stoi(text.substr(e + 1));
+  std::string digits = text.substr(0, e);
+  digits.erase(std::remove(digits.begin(), digits.end(), '.'), digits.end());
+  if (exponent < -4 || exponent >= 16) {
+    std::string mantissa = digits.substr(0, 1) + (digits.size() > 1 ? "." + digits.substr(1) : "");
+    std::snprintf(buf, sizeof buf, "e%c%02d", exponent < 0 ? '-' : '+', std::abs(exponent));
+    return sign + mantissa + buf;
+  }
+  if (exponent < 0) return sign + "0." + std::string(-exponent - 1, '0') + digits;
+  if (static_cast<int>(digits.size()) <= exponent + 1)
+    return sign + digits + std::string(exponent + 1 - digits.size(), '0') + ".0";
+  return sign + digits.substr(0, exponent + 1) + "." + digits.substr(exponent + 1);
+}
+
+inline void check_attn_scores_args(const at::Tensor& q, const at::Tensor& k, std::optional<double> scale) {
+  constexpr const char* op = "attn_scores";
+  check_rank(op, "q", q, 4, "[B, Hq, Lq, D]");
+  check_rank(op, "k", k, 4, "[B, Hkv, Lk, D]");
+  check_float(op, "q", q);
+  check_float(op, "k", k);
+  TORCH_CHECK_VALUE(q.scalar_type() == k.scalar_type(), op, ": q and k must have the same dtype, got q ",
+                    dtype_name(q.scalar_type()), " and k ", dtype_name(k.scalar_type()));
+  TORCH_CHECK_VALUE(q.device() == k.device(), op, ": all tensors must be on one device, got q on ", q.device().str(),
+                    ", k on ", k.device().str());
+  TORCH_CHECK_VALUE(q.size(0) == k.size(0), op, ": q and k must have the same batch size B, got q ", shape_str(q),
+                    " and k ", shape_str(k));
+  TORCH_CHECK_VALUE(q.size(3) == k.size(3), op, ": q and k must have the same head dim D, got q ", shape_str(q),
+                    " and k ", shape_str(k));
+  const int64_t D = q.size(3), Hq = q.size(1), Hkv = k.size(1);
+  TORCH_CHECK_VALUE(D >= 1 && D <= kAttnMaxHeadDim, op, ": head dim D must be in [1, ", kAttnMaxHeadDim,
+                    "], got D=", D);
+  TORCH_CHECK_VALUE(Hkv >= 1 && Hq >= 1 && Hq % Hkv == 0, op, ": q has Hq=", Hq, " heads and k has Hkv=", Hkv,
+                    ": Hq must be a positive multiple of Hkv (Hq % Hkv == 0)");
+  TORCH_CHECK_VALUE(!scale || (std::isfinite(*scale) && *scale > 0), op,
+                    ": scale must be a finite number > 0 (or None for D**-0.5), got ",
+                    scale ? python_float(*scale) : "None");
 }
 
 // ---------------------------------------------------------------- kv_gather

@@ -21,7 +21,7 @@ if importlib.util.find_spec(f"{__name__}.ref") is None:
     )
 from . import ref
 from ._jit import load_library
-from .ops._registry import OPS, PY_CPU_KERNELS, PY_CUDA_KERNELS, has_compiled_kernel
+from .ops._registry import CPU_FALLBACKS, OPS, PY_CPU_KERNELS, PY_CUDA_KERNELS, has_compiled_kernel
 from .ops.attn_scores import attn_scores
 from .ops.dpselect import dpselect, target_frames
 from .ops.frame_distance import frame_distance
@@ -41,15 +41,19 @@ _C = load_library()
 def build_info() -> dict:
     """Which kernel each op uses on each device, plus the versions involved.
 
-    ``{"torch": ..., "compiled": bool, "ops": {op: {"cpu": kind, "cuda": kind}}}``
-    with kinds "C++", "CUDA" (retake_ops._C), "Triton", "blocked torch", "composite" (built from
-    other retake ops) or "reference". Compiled kinds come from the dispatcher itself, so they
-    stay true whatever was built.
+    ``{"torch": ..., "compiled": bool, "cpu_isa": str | None, "cpu_isas": [str], "ops": {op:
+    {"cpu": kind, "cuda": kind}}}`` with kinds "C++", "CUDA" (retake_ops._C), "Triton", "blocked
+    torch", "composite" (built from other retake ops) or "reference". Compiled kinds come from
+    the dispatcher itself, so they stay true whatever was built. ``cpu_isa`` is the instruction
+    set the C++ attn_scores kernel uses now ("baseline", "avx2", "avx512"; "neon" on ARM): the
+    best of ``cpu_isas`` (those compiled in that this processor supports), or the one the
+    environment variable RETAKE_OPS_CPU_ISA names (ValueError if it names none of them); None
+    without retake_ops._C.
     """
     ops = {}
     for op in OPS:
         # Python-registered kernels first: register_kernel also fills the dispatcher's key.
-        cpu = PY_CPU_KERNELS.get(op) or ("C++" if has_compiled_kernel(op, "CPU") else "reference")
+        cpu = PY_CPU_KERNELS.get(op) or ("C++" if has_compiled_kernel(op, "CPU") else CPU_FALLBACKS.get(op, "reference"))
         cuda = PY_CUDA_KERNELS.get(op) or ("CUDA" if has_compiled_kernel(op, "CUDA") else "reference")
         ops[op] = {"cpu": cpu, "cuda": cuda}
     return {
@@ -57,6 +61,8 @@ def build_info() -> dict:
         "torch_cuda": torch.version.cuda,
         "cuda_available": torch.cuda.is_available(),
         "compiled": _C is not None,
+        "cpu_isa": None if _C is None else _C.cpu_isa(),
+        "cpu_isas": [] if _C is None else _C.cpu_isas(),
         "ops": ops,
     }
 

@@ -254,7 +254,7 @@ def test_opcheck(scale, causal):
 
 def test_build_info_names_kernels():
     info = retake_ops.build_info()["ops"]["attn_scores"]
-    assert info["cpu"] == "blocked torch"
+    assert info["cpu"] == "C++"
     assert info["cuda"] == "Triton"
 
 

@@ -8,8 +8,11 @@ from ..checks import requires_grad_message
 OPS: list[str] = []
 # op name -> description of a Python-registered CUDA kernel (e.g. "Triton").
 PY_CUDA_KERNELS: dict[str, str] = {}
-# op name -> description of a Python-registered CPU kernel (e.g. "blocked torch").
+# op name -> description of a Python-registered CPU kernel (e.g. "composite").
 PY_CPU_KERNELS: dict[str, str] = {}
+# op name -> what the op's own body runs on CPU when retake_ops._C has no CPU kernel for it
+# (default: the reference).
+CPU_FALLBACKS: dict[str, str] = {}
 
 
 def register_cuda(op: str, opdef, kernel, kind: str = "Triton"):
@@ -25,6 +28,12 @@ def register_cpu(op: str, opdef, kernel, kind: str):
     opdef.register_kernel("cpu")(kernel)
     PY_CPU_KERNELS[op] = kind
     return kernel
+
+
+def register_cpu_fallback(op: str, kind: str) -> None:
+    """Record for build_info() that retake::op's body runs `kind` on CPU tensors when
+    retake_ops._C brings no CPU kernel for it."""
+    CPU_FALLBACKS[op] = kind
 
 
 def has_compiled_kernel(op: str, key: str) -> bool:

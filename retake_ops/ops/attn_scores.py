@@ -8,9 +8,12 @@ sees (never zeros); keys hidden from it get nothing from it. Never materializes 
 Inference-only (an input that requires grad under grad mode raises at call time).
 
 Kernels:
-  CPU   attn_scores_cpu     retake_ops/kernels/attn_scores.py (blocked torch, bounded scratch)
+  CPU   attn_scores_cpu     csrc/cpu/attn_scores.cpp (C++, retake_ops._C): chunks of rows per
+                            thread, per-thread GEMMs, a fused softmax tail built per instruction
+                            set (RETAKE_OPS_CPU_ISA forces one; build_info() names it)
   CUDA  attn_scores_triton  retake_ops/triton/attn_scores.py (two-pass Triton), where triton imports
-  else  the body below: retake_ops.ref.attn_scores (python_ref/attn_scores.py)
+  else  the body below: on CPU without retake_ops._C the blocked torch kernel attn_scores_cpu
+        (retake_ops/kernels/attn_scores.py, bounded scratch); elsewhere retake_ops.ref.attn_scores
 """
 import torch
 from torch import Tensor
@@ -18,7 +21,7 @@ from torch import Tensor
 from .. import ref
 from ..checks import check_attn_scores
 from ..kernels.attn_scores import attn_scores_cpu
-from ._registry import inference_only, register_cpu, register_cuda
+from ._registry import inference_only, register_cpu_fallback, register_cuda
 
 OP = "attn_scores"
 
@@ -33,6 +36,8 @@ def attn_scores(q: Tensor, k: Tensor, scale: float | None = None, causal: bool =
     Inference-only.
     """
     check_attn_scores(q, k, scale)
+    if q.device.type == "cpu":
+        return attn_scores_cpu(q, k, scale, causal)
     return ref.attn_scores(q, k, scale, causal)
 
 
@@ -42,12 +47,7 @@ def _(q, k, scale=None, causal=False):
     return q.new_empty((k.shape[0], k.shape[1], k.shape[2]), dtype=torch.float32)
 
 
-def _attn_scores_cpu(q: Tensor, k: Tensor, scale: float | None = None, causal: bool = False) -> Tensor:
-    check_attn_scores(q, k, scale)
-    return attn_scores_cpu(q, k, scale, causal)
-
-
-register_cpu(OP, attn_scores, _attn_scores_cpu, kind="blocked torch")
+register_cpu_fallback(OP, "blocked torch")
 inference_only(OP, attn_scores)
 
 try:
