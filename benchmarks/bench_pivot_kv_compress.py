@@ -1,4 +1,4 @@
-"""CPU time of pivot_kv_compress (blocked attn_scores + selection + C++ gather) vs the materialized
+"""CPU time of pivot_kv_compress (C++ attn_scores + selection + C++ gather) vs the materialized
 reference, at a 28-query-head / 4-kv-head model's shape. extra_info records the reference's
 materialized softmax bytes (fp32 [B, Hq, L, L]) that the op never allocates.
 

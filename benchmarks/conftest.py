@@ -13,3 +13,18 @@ def pytest_collect_file(file_path, parent):
     if file_path.suffix == ".py" and file_path.name.startswith("bench_"):
         return pytest.Module.from_parent(parent, path=file_path)
     return None
+
+
+REPORT = pytest.StashKey[list]()
+
+
+@pytest.fixture
+def report(pytestconfig):
+    """Text a benchmark wants printed at the end of the run, after pytest-benchmark's table."""
+    return pytestconfig.stash.setdefault(REPORT, [])
+
+
+def pytest_terminal_summary(terminalreporter, config):
+    for text in config.stash.get(REPORT, []):
+        terminalreporter.write_line("")
+        terminalreporter.write_line(text)

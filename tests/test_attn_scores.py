@@ -4,6 +4,7 @@ Tolerance: inputs are rounded to the tested dtype once and the reference runs in
 exactly those values, so the only error left is fp32 arithmetic (dot products of <= 256
 terms, exp, sums over <= 7 * 1025 rows): rtol 1e-4, atol 1e-5 for every dtype.
 """
+import contextlib
 import math
 import os
 
@@ -19,6 +20,22 @@ from retake_ops.kernels import attn_scores as attn_kernel
 
 RTOL, ATOL = 1e-4, 1e-5
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+# The instruction sets of the C++ kernel's softmax tail that this processor runs, baseline first.
+CPU_ISAS = retake_ops.build_info()["cpu_isas"]
+
+
+@contextlib.contextmanager
+def forced_isa(name):
+    """RETAKE_OPS_CPU_ISA=name for the calls inside (the kernel reads it at every call)."""
+    old = os.environ.get("RETAKE_OPS_CPU_ISA")
+    os.environ["RETAKE_OPS_CPU_ISA"] = name
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ["RETAKE_OPS_CPU_ISA"]
+        else:
+            os.environ["RETAKE_OPS_CPU_ISA"] = old
 
 
 def make_qk(B, Hq, Hkv, Lq, Lk, D, dtype, seed=0):
@@ -76,7 +93,7 @@ def test_cpu_blocked_passes(budget, causal):
     pairs, rows, cols = attn_kernel.cpu_blocks(B * Hkv, Hq // Hkv, Lq, Lk, D, budget)
     assert pairs == 1 and cols < Lk and rows < Lq
     q, k = make_qk(B, Hq, Hkv, Lq, Lk, D, torch.float32)
-    out = attn_kernel.attn_scores_cpu(q, k, 0.3, causal, scratch_bytes=budget)
+    out = attn_kernel.attn_scores_blocked(q, k, 0.3, causal, scratch_bytes=budget)
     torch.testing.assert_close(out, expected(q, k, 0.3, causal), rtol=RTOL, atol=ATOL)
 
 
@@ -96,7 +113,7 @@ def test_cpu_many_short_pairs_are_batched(B, Hq, Hkv, L, D, budget, pairs, causa
     """Many (batch, kv head) pairs with short L run as batched blocks of whole pairs."""
     assert attn_kernel.cpu_blocks(B * Hkv, Hq // Hkv, L, L, D, budget) == (pairs, L, L)
     q, k = make_qk(B, Hq, Hkv, L, L, D, torch.bfloat16)
-    out = attn_kernel.attn_scores_cpu(q, k, None, causal, scratch_bytes=budget)
+    out = attn_kernel.attn_scores_blocked(q, k, None, causal, scratch_bytes=budget)
     torch.testing.assert_close(out, expected(q, k, None, causal), rtol=RTOL, atol=ATOL)
 
 
@@ -114,7 +131,7 @@ def test_cpu_scratch_is_bounded(shape, budget, one_key_block, causal):
     B, Hq, Hkv, Lq, Lk, D = shape
     assert (attn_kernel.cpu_blocks(B * Hkv, Hq // Hkv, Lq, Lk, D, budget)[2] == Lk) == one_key_block
     q, k = make_qk(B, Hq, Hkv, Lq, Lk, D, torch.bfloat16)
-    out, peak = peak_bytes(lambda: attn_kernel.attn_scores_cpu(q, k, None, causal, scratch_bytes=budget), "cpu")
+    out, peak = peak_bytes(lambda: attn_kernel.attn_scores_blocked(q, k, None, causal, scratch_bytes=budget), "cpu")
     out_bytes = B * Hkv * Lk * 4
     # The budget bounds the block scratch; allow the output and O(rows + keys) temporaries
     # (row statistics, key sums) on top.
@@ -173,10 +190,14 @@ def test_reference_rows_without_keys_contribute_nothing():
 # ---------------------------------------------------------------- NaN rule (CPU kernel paths and reference)
 
 def cpu_paths(q, k, causal):
-    """The CPU kernel's one-pass (batched pairs) and two-pass (key blocks) paths."""
-    return {"one_pass": attn_kernel.attn_scores_cpu(q, k, None, causal),
-            "two_pass": attn_kernel.attn_scores_cpu(q, k, None, causal, scratch_bytes=20_000),
-            "op": torch.ops.retake.attn_scores(q, k, None, causal)}
+    """The blocked torch kernel's one-pass (batched pairs) and two-pass (key blocks) paths, and
+    the C++ op with each instruction set this processor runs."""
+    paths = {"one_pass": attn_kernel.attn_scores_blocked(q, k, None, causal),
+             "two_pass": attn_kernel.attn_scores_blocked(q, k, None, causal, scratch_bytes=20_000)}
+    for isa in CPU_ISAS:
+        with forced_isa(isa):
+            paths[f"op[{isa}]"] = torch.ops.retake.attn_scores(q, k, None, causal)
+    return paths
 
 
 @pytest.mark.parametrize("causal", [False, True])
@@ -221,6 +242,119 @@ def test_reference_follows_the_nan_rule():
     torch.testing.assert_close(ref.attn_scores(q, k, None, True), want, equal_nan=True)
     torch.testing.assert_close(torch.ops.retake.attn_scores(q.float(), k.float(), None, True), want.float(),
                                equal_nan=True)
+
+
+# ---------------------------------------------------------------- C++ kernel: instruction sets, tasks, threads
+
+def test_cpu_isas_are_reported():
+    """build_info() names the instruction set in use: the best this processor runs, or the
+    forced one; the list starts with the build's baseline."""
+    info = retake_ops.build_info()
+    assert info["cpu_isas"][0] in {"baseline", "neon"}
+    assert info["cpu_isa"] == os.environ.get("RETAKE_OPS_CPU_ISA", info["cpu_isas"][-1])
+    for isa in CPU_ISAS:
+        with forced_isa(isa):
+            assert retake_ops.build_info()["cpu_isa"] == isa
+
+
+def test_cpu_isa_unknown_name_raises():
+    q, k = make_qk(1, 2, 1, 3, 4, 8, torch.float32)
+    with forced_isa("sse9"), pytest.raises(ValueError, match=r"RETAKE_OPS_CPU_ISA must be one of baseline(, avx2, avx512)? \(or unset for the best this processor supports\), got 'sse9'"):
+        torch.ops.retake.attn_scores(q, k, None, False)
+    with forced_isa("sse9"), pytest.raises(ValueError, match="RETAKE_OPS_CPU_ISA must be one of"):
+        retake_ops.build_info()
+
+
+# (B, Hq, Hkv, Lq, Lk, D): GQA 1/3/7, odd D, lengths that are no multiple of any vector width
+# or block, Lq > Lk and Lq < Lk, one key.
+ISA_SHAPES = [
+    (2, 6, 2, 37, 53, 33),
+    (1, 7, 1, 131, 75, 128),
+    (1, 4, 4, 19, 1, 17),
+    (3, 3, 3, 1, 200, 64),
+]
+
+
+@pytest.mark.parametrize("isa", CPU_ISAS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", ISA_SHAPES)
+@pytest.mark.parametrize("causal", [False, True])
+def test_cpu_isa_matches_reference(isa, shape, dtype, causal):
+    q, k = make_qk(*shape, dtype)
+    with forced_isa(isa):
+        out = torch.ops.retake.attn_scores(q, k, 0.7, causal)
+    torch.testing.assert_close(out, expected(q, k, 0.7, causal), rtol=RTOL, atol=ATOL)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_cpu_isas_agree_and_keep_the_same_tokens(causal):
+    """Every instruction set gives the baseline's scores within the tolerance, and on tie-free
+    inputs pivot_kv_compress keeps exactly the same tokens."""
+    q, k = make_qk(2, 8, 2, 150, 301, 64, torch.bfloat16)
+    v = torch.randn_like(k)
+    pivots = torch.rand(2, 301, generator=torch.Generator().manual_seed(1)) < 0.1
+    outs, kept = {}, {}
+    for isa in CPU_ISAS:
+        with forced_isa(isa):
+            outs[isa] = torch.ops.retake.attn_scores(q, k, None, causal)
+            kept[isa] = retake_ops.pivot_kv_compress(q, k, v, pivots, 75, causal=causal)[2]
+    # Tie-free where it matters: the last kept and the first dropped non-pivot score of each row
+    # lie far apart compared to the instruction sets' differences.
+    scores = retake_ops.kernels.pivot_kv_compress.token_scores(q, k, None, causal)
+    for row, pivot_row in zip(scores, pivots):
+        free = row[~pivot_row].sort(descending=True).values
+        slots = 75 - int(pivot_row.sum())
+        assert free[slots - 1] - free[slots] > 1e-4 * row.amax(), "a near-tie at the boundary: pick another seed"
+    for isa in CPU_ISAS:
+        torch.testing.assert_close(outs[isa], outs[CPU_ISAS[0]], rtol=RTOL, atol=ATOL, msg=isa)
+        assert torch.equal(kept[isa], kept[CPU_ISAS[0]]), isa
+
+
+# Shapes that cut into many tasks: one pair in chunks of rows with several GEMM blocks each
+# (4096 x 4096 keys), many short pairs per task in several blocks (D = 256 bounds the keys per
+# block), and the plain one-task case.
+TASK_SHAPES = [
+    (1, 1, 1, 4096, 4096, 16),
+    (64, 8, 8, 8, 128, 256),
+    (1, 2, 1, 5, 7, 8),
+]
+
+
+@pytest.mark.parametrize("shape", TASK_SHAPES)
+@pytest.mark.parametrize("causal", [False, True])
+def test_cpu_tasks_match_reference_and_ignore_the_thread_count(shape, causal):
+    """The result is the reference's, and bit for bit the same with 1 and 2 threads: tasks
+    and their summing order come from the shape alone."""
+    q, k = make_qk(*shape, torch.float32)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = torch.ops.retake.attn_scores(q, k, None, causal)
+        torch.set_num_threads(2)
+        two = torch.ops.retake.attn_scores(q, k, None, causal)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one, two)
+    torch.testing.assert_close(one, expected(q, k, None, causal), rtol=RTOL, atol=ATOL)
+
+
+@pytest.mark.parametrize("layout", ["k_fp32_strided_rows", "k_fp32_strided_d", "q_heads_outer", "expanded_k"])
+def test_cpu_layouts(layout):
+    """fp32 keys read in place (any row stride) or converted (D not unit-stride), q whose
+    (batch, kv head) pairs cannot be one view, and keys expanded over the batch."""
+    q, k = make_qk(2, 4, 2, 21, 33, 24, torch.float32)
+    if layout == "k_fp32_strided_rows":
+        k = torch.cat([k, k.flip(2)], dim=3)[..., :24]
+        assert k.stride(3) == 1 and not k.is_contiguous()
+    elif layout == "k_fp32_strided_d":
+        k = k.transpose(2, 3).contiguous().transpose(2, 3)
+        assert k.stride(3) != 1
+    elif layout == "q_heads_outer":
+        q = q.permute(1, 0, 2, 3).contiguous().permute(1, 0, 2, 3)
+    else:
+        k = k[:1].expand(2, -1, -1, -1)
+    out = torch.ops.retake.attn_scores(q, k, None, True)
+    torch.testing.assert_close(out, expected(q, k, None, True), rtol=RTOL, atol=ATOL)
 
 
 # ---------------------------------------------------------------- autograd, torch.compile

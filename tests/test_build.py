@@ -42,6 +42,9 @@ def test_falls_back_to_the_reference_without_the_compiled_library(tmp_path):
         info = retake_ops.build_info()
         assert not info["compiled"] and info["ops"]["dpselect"]["cpu"] == "reference", info
         assert info["ops"]["nms_select"]["cpu"] == info["ops"]["kv_gather"]["cpu"] == "reference", info
+        # attn_scores' own body keeps the blocked torch kernel on CPU; no instruction set to name.
+        assert info["ops"]["attn_scores"]["cpu"] == "blocked torch", info
+        assert info["cpu_isa"] is None and info["cpu_isas"] == [], info
         x = torch.randn(2, 30, 3, 16)
         idx, piv = retake_ops.dpselect(x, 7)
         ref_idx, ref_piv = retake_ops.ref.dpselect(x, 7)
@@ -95,7 +98,7 @@ def test_build_cuda_override(flag, code, message):
 
 
 CPU_KERNELS = {"frame_distance": "C++", "local_peaks": "C++", "dpselect": "C++", "nms_select": "C++",
-               "kv_gather": "C++", "kv_gather_out": "C++", "attn_scores": "blocked torch",
+               "kv_gather": "C++", "kv_gather_out": "C++", "attn_scores": "C++",
                "pivot_kv_compress": "composite"}
 
 

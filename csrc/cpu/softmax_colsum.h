@@ -6,7 +6,7 @@
 //   m_r = max_{j < visible[r]} s[r,j],  l_r = sum_{j < visible[r]} exp(s[r,j] - m_r)
 //
 // s: fp32 [rows, ld] (logits, already scaled), overwritten with exp(s - m); acc: fp32, at least
-// round_up(max visible, 16) long; ld >= that length too. Entries past a row's visible count are
+// round_up(max visible, 16) long; ld >= that length too (a row's last vector is read whole). Entries past a row's visible count are
 // never read as logits. A row with a NaN logit, a +inf maximum or no finite logit (its softmax
 // is NaN) adds NaN to its visible keys only. Logits more than 87.3 below their row's maximum
 // count as 87.3 below it (a term of ~1e-38 instead of less). GCC/Clang vector extensions, no intrinsics and no
@@ -63,11 +63,12 @@ inline vf exp_nonpositive(vf x) {
   return p * (vf)two_n;
 }
 
-// The first n floats of p as one vector, the other lanes `pad`.
-inline vf load_partial(const float* p, int64_t n, float pad) {
-  vf v = splat(pad);
-  for (int64_t i = 0; i < n; ++i) v[i] = p[i];
-  return v;
+// Lanes [0, n) of v, the others `pad`: rows are padded to whole vectors, so the last partial
+// vector of a row is loaded whole and its lanes past the row's end masked.
+inline vf keep_lanes(vf v, int64_t n, float pad) {
+  vi lane;
+  for (int i = 0; i < W; ++i) lane[i] = i;
+  return lane < static_cast<int32_t>(n) ? v : splat(pad);
 }
 
 // max over s[0, n); NaN logits are skipped here and caught by the row sum (exp_row).
@@ -76,7 +77,7 @@ inline float row_max(const float* s, int64_t n) {
   vf m = splat(neg_inf);
   int64_t j = 0;
   for (; j + W <= n; j += W) m = max_keep_nan(m, load(s + j));
-  if (j < n) m = max_keep_nan(m, load_partial(s + j, n - j, neg_inf));
+  if (j < n) m = max_keep_nan(m, keep_lanes(load(s + j), n - j, neg_inf));
   float best = m[0];
   for (int i = 1; i < W; ++i) best = m[i] > best ? m[i] : best;
   return best;
@@ -92,9 +93,9 @@ inline float exp_row(float* s, int64_t n, float m) {
     store(s + j, e);
     sum += e;
   }
-  if (j < n) {  // lanes past n hold -inf: e^-inf = 0 adds nothing
-    const vf e = exp_nonpositive(load_partial(s + j, n - j, -__builtin_inff()) - vm);
-    for (int64_t i = 0; i < n - j; ++i) s[j + i] = e[i];
+  if (j < n) {
+    const vf e = keep_lanes(exp_nonpositive(load(s + j) - vm), n - j, 0.0f);
+    store(s + j, e);
     sum += e;
   }
   float total = 0.0f;

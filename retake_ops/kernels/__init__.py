@@ -1,6 +1,6 @@
 """Python-level kernels: they compute, retake_ops/ops registers them (beside retake_ops/triton).
 
-  attn_scores.py        attn_scores_cpu, the blocked CPU attn_scores
+  attn_scores.py        attn_scores_blocked, the blocked torch CPU attn_scores (without retake_ops._C)
   kv_gather.py          gather_into, the reference-backed gather of devices without a compiled kernel
   pivot_kv_compress.py  pivot_kv_compress_composite, its score (token_scores, head_score_sum) and
                         its selection key (select_tokens)

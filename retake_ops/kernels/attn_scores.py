@@ -1,4 +1,5 @@
-"""attn_scores_cpu: the blocked CPU kernel of retake::attn_scores, fp32 [B, Hkv, Lk].
+"""attn_scores_blocked: the blocked torch CPU kernel of retake::attn_scores, fp32 [B, Hkv, Lk], which
+the op's body runs where retake_ops._C (and its C++ kernel) is absent.
 
 out[b,h,j] = sum over the G = Hq // Hkv query heads g of group h and the query rows i of
 softmax_j(s[b,g,i,:]) with s[b,g,i,j] = scale * q[b,g,i] . k[b,h,j]. Causal is bottom-right
@@ -59,7 +60,7 @@ def cpu_blocks(pairs: int, G: int, rows: int, Lk: int, D: int, budget: int) -> t
     return 1, r, max(1, min(n, Lk))
 
 
-def attn_scores_cpu(q: Tensor, k: Tensor, scale: float | None = None, causal: bool = False,
+def attn_scores_blocked(q: Tensor, k: Tensor, scale: float | None = None, causal: bool = False,
                     scratch_bytes: int = CPU_SCRATCH_BYTES) -> Tensor:
     """Blocked attn_scores on CPU tensors (arguments as retake::attn_scores, already checked);
     `scratch_bytes` bounds the memory of one block."""

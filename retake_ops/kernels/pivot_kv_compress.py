@@ -4,7 +4,7 @@ score[b,j] = attn_scores(q, k)[b,:,j] summed over the kv heads / Hq: the mean ov
 query heads of each head's attention mass on key j (fp32, one score per token). Then one
 top-k over a unique int64 key per token (select_tokens) and a row gather (kv_gather).
 q [B,Hq,Lq,D], k and v [B,Hkv,Lk,D] fp16/bf16/fp32 any strides, pivot_mask bool [B,Lk] or
-None. Built from retake ops (attn_scores: blocked torch on CPU, Triton on CUDA; kv_gather:
+None. Built from retake ops (attn_scores: C++ on CPU, Triton on CUDA; kv_gather:
 C++ on CPU, Triton on CUDA) and torch ops, with no host synchronization.
 """
 import torch

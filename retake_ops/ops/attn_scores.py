@@ -8,19 +8,20 @@ sees (never zeros); keys hidden from it get nothing from it. Never materializes 
 Inference-only (an input that requires grad under grad mode raises at call time).
 
 Kernels:
-  CPU   attn_scores_cpu     csrc/cpu/attn_scores.cpp (C++, retake_ops._C): chunks of rows per
-                            thread, per-thread GEMMs, a fused softmax tail built per instruction
-                            set (RETAKE_OPS_CPU_ISA forces one; build_info() names it)
+  CPU   attn_scores_cpu     csrc/cpu/attn_scores.cpp (C++, retake_ops._C): whole tasks per thread,
+                            each with its own GEMM and a fused softmax tail built per instruction
+                            set (csrc/cpu/softmax_colsum.h; RETAKE_OPS_CPU_ISA forces one,
+                            build_info() names it)
   CUDA  attn_scores_triton  retake_ops/triton/attn_scores.py (two-pass Triton), where triton imports
-  else  the body below: on CPU without retake_ops._C the blocked torch kernel attn_scores_cpu
-        (retake_ops/kernels/attn_scores.py, bounded scratch); elsewhere retake_ops.ref.attn_scores
+  else  the body below: on CPU (without retake_ops._C) attn_scores_blocked, blocked torch with
+        bounded scratch (retake_ops/kernels/attn_scores.py); elsewhere retake_ops.ref.attn_scores
 """
 import torch
 from torch import Tensor
 
 from .. import ref
 from ..checks import check_attn_scores
-from ..kernels.attn_scores import attn_scores_cpu
+from ..kernels.attn_scores import attn_scores_blocked
 from ._registry import inference_only, register_cpu_fallback, register_cuda
 
 OP = "attn_scores"
@@ -37,7 +38,7 @@ def attn_scores(q: Tensor, k: Tensor, scale: float | None = None, causal: bool =
     """
     check_attn_scores(q, k, scale)
     if q.device.type == "cpu":
-        return attn_scores_cpu(q, k, scale, causal)
+        return attn_scores_blocked(q, k, scale, causal)
     return ref.attn_scores(q, k, scale, causal)
 
 
