@@ -27,14 +27,23 @@ package_dir, library_dir = sys.argv[1:]
 for module, folder in ((retake_ops, package_dir), (retake_ops.ref, package_dir), (retake_ops._C, library_dir)):
     assert module.__file__.startswith(folder), (module.__name__, module.__file__, folder)
 info = retake_ops.build_info()
-compiled = {op: info["ops"][op]["cpu"] for op in ("frame_distance", "local_peaks", "dpselect", "nms_select", "kv_gather")}
+compiled = {op: info["ops"][op]["cpu"]
+            for op in ("frame_distance", "local_peaks", "dpselect", "nms_select", "kv_gather", "attn_scores")}
 assert info["compiled"] and set(compiled.values()) == {"C++"}, info
+# attn_scores tail: every instruction set built in, the best one used, each one right.
+assert info["cpu_isas"] and info["cpu_isa"] == info["cpu_isas"][-1], info
+q, k = torch.randn(1, 4, 37, 24), torch.randn(1, 2, 41, 24)
+for isa in info["cpu_isas"]:
+    import os
+    os.environ["RETAKE_OPS_CPU_ISA"] = isa
+    torch.testing.assert_close(torch.ops.retake.attn_scores(q, k, None, True),
+                               retake_ops.ref.attn_scores(q, k, None, True), rtol=1e-4, atol=1e-5)
 x = torch.randn(2, 40, 4, 32)
 got, want = retake_ops.dpselect(x, 10), retake_ops.ref.dpselect(x, 10)
 assert all(torch.equal(a, b) for a, b in zip(got, want))
 scores = torch.randn(2, 50)
 assert torch.equal(retake_ops.nms_select(scores, 6), retake_ops.ref.nms_select(scores, 6))
-print(f"ok: import {seconds:.1f} s, C++ kernels from {retake_ops._C.__file__}")
+print(f"ok: import {seconds:.1f} s, C++ kernels from {retake_ops._C.__file__}, CPU instruction sets {info['cpu_isas']}")
 '
 
 check_wheel() {
@@ -43,7 +52,8 @@ check_wheel() {
   "$PY" - "$wheel" <<'EOF'
 import sys, zipfile
 names = zipfile.ZipFile(sys.argv[1]).namelist()
-for needed in ("retake_ops/ref/__init__.py", "retake_ops/_csrc/module.cpp", "retake_ops/_csrc/cpu/dpselect.cpp"):
+for needed in ("retake_ops/ref/__init__.py", "retake_ops/_csrc/module.cpp", "retake_ops/_csrc/cpu/dpselect.cpp",
+               "retake_ops/_csrc/cpu/softmax_colsum.h", "retake_ops/_csrc/cpu/softmax_colsum_avx512.cpp"):
     assert needed in names, (needed, sys.argv[1])
 assert any(n.startswith("retake_ops/_C.") and n.endswith(".so") for n in names), names
 print(f"{sys.argv[1]}: ships retake_ops.ref, retake_ops._C and the C++ sources")
