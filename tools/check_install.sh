@@ -43,7 +43,8 @@ got, want = retake_ops.dpselect(x, 10), retake_ops.ref.dpselect(x, 10)
 assert all(torch.equal(a, b) for a, b in zip(got, want))
 scores = torch.randn(2, 50)
 assert torch.equal(retake_ops.nms_select(scores, 6), retake_ops.ref.nms_select(scores, 6))
-print(f"ok: import {seconds:.1f} s, C++ kernels from {retake_ops._C.__file__}, CPU instruction sets {info['cpu_isas']}")
+isas = ", ".join(info["cpu_isas"])
+print(f"ok: import {seconds:.1f} s, C++ kernels from {retake_ops._C.__file__}, CPU instruction sets {isas}")
 '
 
 check_wheel() {
