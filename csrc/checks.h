@@ -5,6 +5,7 @@
 #include <ATen/ATen.h>
 
 #include <algorithm>
+#include <charconv>
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
@@ -29,7 +30,8 @@ inline std::string dtype_name(at::ScalarType t) {
     case at::kLong: return "torch.int64";
     case at::kInt: return "torch.int32";
     case at::kBool: return "torch.bool";
-    default: return std::string("torch.") + c10::toString(t);
+    // Python's name (torch.int8, torch.complex64, ...), not c10's (Char, ComplexFloat).
+    default: return "torch." + std::string(c10::getDtypeNames(t).first);
   }
 }
 
@@ -176,10 +178,10 @@ inline std::string python_float(double x) {
   if (std::isnan(x)) return "nan";
   if (std::isinf(x)) return x > 0 ? "inf" : "-inf";
   char buf[40];
-  for (int p = 0; p <= 17; ++p) {
-    std::snprintf(buf, sizeof buf, "%.*e", p, x);
-    if (std::strtod(buf, nullptr) == x) break;
-  }
+  // Shortest round-trip digits, the nearest among them: Python's repr. (Rounding x to ever more
+  // digits with %.*e is not the same: next to a power of two the nearest n-digit string can
+  // miss while another one reads back, e.g. -2.0**-1017 is -7.120236347223045e-307.)
+  *std::to_chars(buf, buf + sizeof buf - 1, x, std::chars_format::scientific).ptr = '\0';
   std::string text(buf), sign;
   if (text[0] == '-') {
     sign = "-";

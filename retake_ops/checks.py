@@ -71,7 +71,8 @@ def check_window(op: str, window: int) -> None:
 
 def check_scale(op: str, scale: float | None) -> None:
     if scale is not None and not (math.isfinite(scale) and scale > 0):
-        raise ValueError(f"{op}: scale must be a finite number > 0 (or None for D**-0.5), got {scale}")
+        # As a float: the C++ checks only ever see a double (an int 0 reads "0.0" there too).
+        raise ValueError(f"{op}: scale must be a finite number > 0 (or None for D**-0.5), got {float(scale)}")
 
 
 def check_same_device(op: str, **tensors: Tensor | None) -> None:

@@ -251,7 +251,7 @@ def test_cpu_isas_are_reported():
     forced one; the list starts with the build's baseline."""
     info = retake_ops.build_info()
     assert info["cpu_isas"][0] in {"baseline", "neon"}
-    assert info["cpu_isa"] == os.environ.get("RETAKE_OPS_CPU_ISA", info["cpu_isas"][-1])
+    assert info["cpu_isa"] == (os.environ.get("RETAKE_OPS_CPU_ISA") or info["cpu_isas"][-1])
     for isa in CPU_ISAS:
         with forced_isa(isa):
             assert retake_ops.build_info()["cpu_isa"] == isa
@@ -259,7 +259,7 @@ def test_cpu_isas_are_reported():
 
 def test_cpu_isa_unknown_name_raises():
     q, k = make_qk(1, 2, 1, 3, 4, 8, torch.float32)
-    with forced_isa("sse9"), pytest.raises(ValueError, match=r"RETAKE_OPS_CPU_ISA must be one of baseline(, avx2, avx512)? \(or unset for the best this processor supports\), got 'sse9'"):
+    with forced_isa("sse9"), pytest.raises(ValueError, match=r"RETAKE_OPS_CPU_ISA must be one of (baseline|neon)(, \w+)* \(or unset for the best this processor supports\), got 'sse9'"):
         torch.ops.retake.attn_scores(q, k, None, False)
     with forced_isa("sse9"), pytest.raises(ValueError, match="RETAKE_OPS_CPU_ISA must be one of"):
         retake_ops.build_info()
@@ -599,3 +599,20 @@ def test_fake_kernel_checks_too():
             call(fq, fk)
         out = call(mode.from_tensor(qk()[0]), mode.from_tensor(qk()[1]))
     assert out.shape == (1, 2, 6) and out.dtype == torch.float32
+
+
+@pytest.mark.parametrize("case", ["int8", "complex64", "int_scale", "power_of_two_scale"])
+def test_cpp_checks_word_python_checks(case):
+    """The C++ kernel's messages are checks.py's: Python dtype names, and scales as Python prints
+    them (shortest digits, also next to a power of two; an int as the float the op receives)."""
+    from retake_ops.checks import check_attn_scores
+    q, k, scale = torch.randn(1, 2, 3, 4), torch.randn(1, 1, 5, 4), None
+    if case in ("int8", "complex64"):
+        q = q.to(getattr(torch, case))
+    else:
+        scale = 0 if case == "int_scale" else -(2.0 ** -1017)
+    with pytest.raises(ValueError) as py:
+        check_attn_scores(q, k, scale)
+    with pytest.raises(ValueError) as cpp:
+        torch.ops.retake.attn_scores(q, k, scale, False)
+    assert str(cpp.value).splitlines()[0] == str(py.value)

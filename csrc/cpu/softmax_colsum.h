@@ -23,6 +23,7 @@ namespace {
 constexpr int W = RETAKE_VEC_BYTES / 4;  // fp32 lanes
 typedef float vf __attribute__((vector_size(RETAKE_VEC_BYTES)));
 typedef int32_t vi __attribute__((vector_size(RETAKE_VEC_BYTES)));
+typedef uint32_t vu __attribute__((vector_size(RETAKE_VEC_BYTES)));
 constexpr int kGroup = 4;  // rows summed into acc per pass over it
 
 inline vf splat(float x) {
@@ -59,7 +60,9 @@ inline vf exp_nonpositive(vf x) {
   p = p * r + splat(1.0f);
   p = p * r + splat(1.0f);
   // t's bits are the magic's plus n: n + 127 shifted into the exponent field is the float 2^n.
-  const vi two_n = ((vi)t + (127 - 0x4B400000)) << 23;
+  // Unsigned: lanes that are masked off later (NaN, padding) may shift bits out, which is
+  // undefined for signed lanes before C++20.
+  const vu two_n = ((vu)t + (127u - 0x4B400000u)) << 23;
   return p * (vf)two_n;
 }
 
