@@ -53,7 +53,8 @@ def build_info() -> dict:
     ops = {}
     for op in OPS:
         # Python-registered kernels first: register_kernel also fills the dispatcher's key.
-        cpu = PY_CPU_KERNELS.get(op) or ("C++" if has_compiled_kernel(op, "CPU") else CPU_FALLBACKS.get(op, "reference"))
+        cpu = PY_CPU_KERNELS.get(op) or ("C++" if has_compiled_kernel(op, "CPU")
+                                         else CPU_FALLBACKS.get(op, "reference"))
         cuda = PY_CUDA_KERNELS.get(op) or ("CUDA" if has_compiled_kernel(op, "CUDA") else "reference")
         ops[op] = {"cpu": cpu, "cuda": cuda}
     return {

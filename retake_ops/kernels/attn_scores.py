@@ -61,7 +61,7 @@ def cpu_blocks(pairs: int, G: int, rows: int, Lk: int, D: int, budget: int) -> t
 
 
 def attn_scores_blocked(q: Tensor, k: Tensor, scale: float | None = None, causal: bool = False,
-                    scratch_bytes: int = CPU_SCRATCH_BYTES) -> Tensor:
+                        scratch_bytes: int = CPU_SCRATCH_BYTES) -> Tensor:
     """Blocked attn_scores on CPU tensors (arguments as retake::attn_scores, already checked);
     `scratch_bytes` bounds the memory of one block."""
     B, Hq, Lq, D = q.shape
