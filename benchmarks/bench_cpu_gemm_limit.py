@@ -32,7 +32,8 @@ CASES = [
     *(("attn_scores", B, 28, 4, L, 128, torch.bfloat16, c) for B, L in ((1, 1024), (1, 2048)) for c in (False, True)),
     *(("pivot_kv_compress", 1, 28, 4, L, 128, torch.float32, c) for L in (1024, 2048) for c in (False, True)),
     # Many short (batch, kv head) pairs.
-    *(("attn_scores", B, Hq, Hkv, L, 64, torch.bfloat16, c)
+    *((op, B, Hq, Hkv, L, 64, dtype, c)
+      for op, dtype in (("attn_scores", torch.bfloat16), ("pivot_kv_compress", torch.float32))
       for B, Hq, Hkv, L in ((256, 32, 32, 16), (64, 8, 8, 128)) for c in (False, True)),
 ]
 CONDITIONS = [("quiet", 1, False), ("quiet", 2, False), ("busy", 2, True)]

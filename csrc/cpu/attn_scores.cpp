@@ -108,7 +108,8 @@ at::Tensor attn_scores_cpu(const at::Tensor& q, const at::Tensor& k, std::option
   auto visible = [&](int64_t i) { return std::min(Lk, i + shift + 1); };
 
   std::atomic<int64_t> next{0};
-  at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t, int64_t) {
+  // One worker per thread, never more than tasks: a single task runs inline, with no parallel region.
+  at::parallel_for(0, std::min<int64_t>(at::get_num_threads(), tasks), 1, [&](int64_t, int64_t) {
     c10::InferenceMode inference;  // the worker's own ATen calls: no autograd bookkeeping
     const int64_t key_pairs = p.task_pairs == 1 ? 1 : p.block_pairs;
     auto scores = at::empty({p.block_pairs * G * p.block_rows * p.ld}, f32);
@@ -149,7 +150,8 @@ at::Tensor attn_scores_cpu(const at::Tensor& q, const at::Tensor& k, std::option
 
   // Each pair's chunks in chunk order, whichever thread ran them.
   float* o = out.data_ptr<float>();
-  at::parallel_for(0, pairs, 1, [&](int64_t pair0, int64_t pair1) {
+  const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 16) / (p.chunks * Lk));  // ~256 KiB of sums
+  at::parallel_for(0, pairs, grain, [&](int64_t pair0, int64_t pair1) {
     for (int64_t pair = pair0; pair < pair1; ++pair) {
       float* dst = o + pair * Lk;
       for (int64_t c = 0; c < p.chunks; ++c) {
