@@ -340,8 +340,8 @@ def test_cpu_tasks_match_reference_and_ignore_the_thread_count(shape, causal):
 
 @pytest.mark.parametrize("layout", ["k_fp32_strided_rows", "k_fp32_strided_d", "q_heads_outer", "expanded_k"])
 def test_cpu_layouts(layout):
-    """fp32 keys read in place (any row stride) or converted (D not unit-stride), q whose
-    (batch, kv head) pairs cannot be one view, and keys expanded over the batch."""
+    """fp32 keys with rows apart or D not unit-stride, q whose (batch, kv head) pairs cannot be
+    one view, and keys expanded over the batch."""
     q, k = make_qk(2, 4, 2, 21, 33, 24, torch.float32)
     if layout == "k_fp32_strided_rows":
         k = torch.cat([k, k.flip(2)], dim=3)[..., :24]

@@ -7,15 +7,15 @@
 // Work is cut, from the shape alone, into tasks: a run of query rows of one (batch, kv head)
 // pair, or several whole short pairs. Threads take tasks one at a time from a shared counter
 // (one parallel region, no barrier but its end), so a thread slowed by another process just
-// takes fewer. A task runs on its thread alone: the keys it needs as fp32 (k itself when it is
-// fp32 with unit stride along D), then per block of rows a single-threaded GEMM of the G heads'
-// rows against those keys (ATen's, called inside the parallel region, so it runs serially) and
-// the fused softmax-and-column-sum tail (softmax_colsum, built per instruction set, cpu_isa.h)
-// into the task's own fp32 column sums. Each pair's chunks are summed in chunk order at the
-// end: the result depends neither on the thread count nor on which thread ran what.
+// takes fewer. A task runs on its thread alone: the keys it needs copied as contiguous fp32,
+// then per block of rows a single-threaded GEMM of the G heads' rows against those keys
+// (ATen's, called inside the parallel region, so it runs serially) and the fused
+// softmax-and-column-sum tail (softmax_colsum, built per instruction set, cpu_isa.h) into the
+// task's own fp32 column sums. Each pair's chunks are summed in chunk order at the end: the
+// result depends neither on the thread count nor on which thread ran what.
 // Memory: per thread a score block of about kBlockScores floats (at least G rows of all Lk
-// keys), the task's keys as fp32 (unless k is read in place) and its rows of q; the column
-// sums of a pair's chunks stay under kPartialBytes in all. Never Lq x Lk.
+// keys), the task's keys as fp32 and its rows of q; the column sums of a pair's chunks stay
+// under kPartialBytes in all. Never Lq x Lk.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <c10/core/InferenceMode.h>
@@ -35,7 +35,7 @@ namespace retake {
 namespace {
 
 // Scores per task: ~1-3 ms of GEMM, so a busy core's share of the work moves to the others,
-// while converting the task's keys to fp32 stays a few percent of it. Smaller (down to
+// while copying the task's keys stays a few percent of it. Smaller (down to
 // kMinTaskScores) when that would leave fewer than kMinTasks tasks.
 constexpr int64_t kTaskScores = int64_t(1) << 20;
 constexpr int64_t kMinTaskScores = int64_t(1) << 15;
@@ -102,7 +102,6 @@ at::Tensor attn_scores_cpu(const at::Tensor& q, const at::Tensor& k, std::option
   // [pairs, G, Lq, D] and [pairs, Lk, D]: views for the usual layouts, else one copy.
   const at::Tensor qp = q.unflatten(1, {Hkv, G}).flatten(0, 1);
   const at::Tensor kp = k.flatten(0, 1);
-  const bool keys_in_place = k.scalar_type() == at::kFloat && kp.stride(2) == 1;
   auto partial = at::zeros({pairs * p.chunks, p.ld}, f32);
   float* partial_data = partial.data_ptr<float>();
   auto visible = [&](int64_t i) { return std::min(Lk, i + shift + 1); };
@@ -114,7 +113,7 @@ at::Tensor attn_scores_cpu(const at::Tensor& q, const at::Tensor& k, std::option
     const int64_t key_pairs = p.task_pairs == 1 ? 1 : p.block_pairs;
     auto scores = at::empty({p.block_pairs * G * p.block_rows * p.ld}, f32);
     auto q_rows = at::empty({p.block_pairs * G * p.block_rows * D}, f32);
-    const at::Tensor k_rows = keys_in_place ? at::Tensor() : at::empty({key_pairs * Lk * D}, f32);
+    const at::Tensor k_rows = at::empty({key_pairs * Lk * D}, f32);
     std::vector<int64_t> counts(G * p.block_rows);
     for (int64_t task; (task = next.fetch_add(1)) < tasks;) {
       // Heaviest first: with causal masking the last rows of a pair see the most keys.
@@ -125,12 +124,12 @@ at::Tensor attn_scores_cpu(const at::Tensor& q, const at::Tensor& k, std::option
       const int64_t rb = div_up(r_end - r_begin, div_up(r_end - r_begin, p.block_rows));
       for (int64_t p0 = pair_begin; p0 < pair_end; p0 += p.block_pairs) {
         const int64_t P = std::min(p.block_pairs, pair_end - p0);
-        // The keys every row of this block's pairs in the task needs, as fp32 [P, n, D]; one
-        // conversion serves all the row blocks of a chunk.
+        // The keys every row of this block's pairs in the task needs, as contiguous fp32
+        // [P, n, D] in the thread's own buffer (faster GEMMs than k in place, fp32 or not); one
+        // copy serves all the row blocks of a chunk.
         const int64_t n_keys = visible(r_end - 1);
-        at::Tensor keys = kp.narrow(0, p0, P).narrow(1, 0, n_keys);
-        if (!keys_in_place)
-          keys = k_rows.narrow(0, 0, P * n_keys * D).view({P, n_keys, D}).copy_(keys);
+        const at::Tensor keys =
+            k_rows.narrow(0, 0, P * n_keys * D).view({P, n_keys, D}).copy_(kp.narrow(0, p0, P).narrow(1, 0, n_keys));
         for (int64_t r0 = r_begin; r0 < r_end; r0 += rb) {
           const int64_t R = std::min(rb, r_end - r0), n = visible(r0 + R - 1);
           auto qb = q_rows.narrow(0, 0, P * G * R * D).view({P, G, R, D});
