@@ -53,6 +53,22 @@ def test_op_matches_reference(dtype, L, D, per_head):
     assert_same(torch.ops.retake.kv_gather(k, v, idx), ref.kv_gather(k, v, idx))
 
 
+@pytest.mark.parametrize("threads", [2, 3])
+@pytest.mark.parametrize("per_head", [False, True])
+def test_op_tasks_split_inside_a_pair(threads, per_head):
+    """1750 rows (35 pairs of 50) cut into 2 or 3 tasks of runs of rows: the tasks start and end
+    inside a (b, h) pair, and every row still comes from its own pair's index."""
+    k, v = make_kv(5, 7, 97, 64, torch.float32)
+    idx = make_idx(5, 7, 97, 50, per_head)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        got = torch.ops.retake.kv_gather(k, v, idx)
+    finally:
+        torch.set_num_threads(before)
+    assert_same(got, ref.kv_gather(k, v, idx))
+
+
 @pytest.mark.parametrize("per_head", [False, True])
 def test_op_out_poisoned_buffers(per_head):
     k, v = make_kv(2, 4, 97, 80, torch.bfloat16)

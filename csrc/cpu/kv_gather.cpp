@@ -37,21 +37,34 @@ void gather_rows(const at::Tensor& k_in, const at::Tensor& v_in, const at::Tenso
   char* pok = static_cast<char*>(out_k.data_ptr());
   char* pov = static_cast<char*>(out_v.data_ptr());
   const int64_t* pi = idx.data_ptr<int64_t>();
+  // Byte strides, [b, h, row] for each of k, v, out_k, out_v.
+  const int64_t st[4][3] = {{k.stride(0) * es, k.stride(1) * es, k.stride(2) * es},
+                            {v.stride(0) * es, v.stride(1) * es, v.stride(2) * es},
+                            {out_k.stride(0) * es, out_k.stride(1) * es, out_k.stride(2) * es},
+                            {out_v.stride(0) * es, out_v.stride(1) * es, out_v.stride(2) * es}};
   // ~64 KiB of rows per task keeps scheduling overhead negligible.
   const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 16) / std::max<int64_t>(1, 2 * row_bytes));
   at::parallel_for(0, B * H * L_out, grain, [&](int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; ++r) {
-      const int64_t i = r % L_out, bh = r / L_out, b = bh / H, h = bh % H;
-      const int64_t j = per_head ? pi[r] : pi[b * L_out + i];
-      char* dk = pok + (b * out_k.stride(0) + h * out_k.stride(1) + i * out_k.stride(2)) * es;
-      char* dv = pov + (b * out_v.stride(0) + h * out_v.stride(1) + i * out_v.stride(2)) * es;
-      if (j < 0 || j >= L) {
-        std::memset(dk, 0, row_bytes);
-        std::memset(dv, 0, row_bytes);
-        continue;
+    // A task's rows are runs of whole or partial (b, h) pairs, addressed once per pair: the four
+    // integer divisions a flat row index needs cost as much as copying a 256-byte row.
+    for (int64_t bh = r0 / L_out, i = r0 % L_out, r = r0; r < r1; ++bh, i = 0) {
+      const int64_t b = bh / H, h = bh % H, i_end = std::min(L_out, i + (r1 - r));
+      r += i_end - i;
+      const char* sk = pk + b * st[0][0] + h * st[0][1];
+      const char* sv = pv + b * st[1][0] + h * st[1][1];
+      char* dk = pok + b * st[2][0] + h * st[2][1];
+      char* dv = pov + b * st[3][0] + h * st[3][1];
+      const int64_t* rows = pi + (per_head ? bh : b) * L_out;
+      for (; i < i_end; ++i) {
+        const int64_t j = rows[i];
+        if (j < 0 || j >= L) {
+          std::memset(dk + i * st[2][2], 0, row_bytes);
+          std::memset(dv + i * st[3][2], 0, row_bytes);
+          continue;
+        }
+        std::memcpy(dk + i * st[2][2], sk + j * st[0][2], row_bytes);
+        std::memcpy(dv + i * st[3][2], sv + j * st[1][2], row_bytes);
       }
-      std::memcpy(dk, pk + (b * k.stride(0) + h * k.stride(1) + j * k.stride(2)) * es, row_bytes);
-      std::memcpy(dv, pv + (b * v.stride(0) + h * v.stride(1) + j * v.stride(2)) * es, row_bytes);
     }
   });
 }
