@@ -43,7 +43,7 @@ RESULTS = pathlib.Path(__file__).resolve().parent / "results" / "cpu_gemm_limit.
 
 
 def rounds_for(seconds_per_round: float) -> int:
-    return 9 if seconds_per_round < 0.2 else 5 if seconds_per_round < 2 else 3
+    return 21 if seconds_per_round < 0.2 else 7 if seconds_per_round < 2 else 3
 
 
 def case_fns(op, B, Hq, Hkv, L, D, dtype, causal):
