@@ -6,9 +6,9 @@ The minimal GEMM of a call is the score product it cannot avoid: q grouped per k
 [B, Hkv, G * Lq, D] @ k^T in fp32, into a preallocated output (torch.matmul, operands converted
 beforehand). Causal calls are compared with the full product too; they compute about half of
 it. pivot_kv_compress must also write its kept K and V rows: its floor is the GEMM followed by
-copies of as many contiguous rows into new tensors, as the op returns (a gather of scattered rows
-cannot beat it); attn_scores' floor is its GEMM. Per shape and condition all are timed in interleaved
-rounds (medians), so a change in the machine's load hits all of them alike.
+copies of as many contiguous rows into new tensors, as the op returns (a gather of scattered
+rows cannot beat it); attn_scores' floor is its GEMM. Per shape and condition all are timed in
+interleaved rounds (medians), so a change in the machine's load hits all of them alike.
 
     make bench PYTEST_ARGS='-k gemm_limit'       # the table, printed at the end of the run
     python benchmarks/bench_cpu_gemm_limit.py    # the same, as a script
